@@ -1,1 +1,170 @@
-//! placeholder
+//! The sensor gateway: authenticated UDP telemetry from devices, persisted to SQLite.
+//!
+//! [`Gateway::start`] binds the sockets, opens the store and spawns the tasks; the caller
+//! decides when to stop (a signal in `main`, a token in tests) and awaits [`Gateway::stop`].
+//!
+//! # Layout
+//! - [`config`] — the typed settings tree and its validation.
+//! - [`ingest`] — the UDP listener: size, header, device, tag, payload and replay checks.
+//! - [`replay`] — the per-device sliding replay window (pure).
+//! - [`store`] — SQLite: schema, devices and keys, the batched [`store::writer`], queries.
+//! - [`events`] — counters and drop reasons, the names `gateway stats` shows.
+//! - [`cli`] — the command line verbs; `main.rs` only dispatches to them.
+//! - [`demo`] — `gateway demo`, a gateway and a simulated fleet in one process.
+//! - [`signal`] — SIGINT/SIGTERM.
+//!
+//! # Shutdown
+//! Only the source (ingest) watches the cancellation token. When it stops it drops the queue's
+//! sender; the writer then commits everything queued, sends the owed acks, persists the
+//! counters and exits. [`Gateway::stop`] waits for that, bounded by the grace period.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod events;
+pub mod ingest;
+pub mod replay;
+pub mod signal;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::events::Counters;
+use crate::store::writer::{Writer, WriterConfig};
+use crate::store::{OpenOptions, Store, StoreError};
+
+/// Why the gateway could not start.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Where the telemetry socket is bound (useful with port 0).
+    pub udp_addr: SocketAddr,
+    /// Live counters.
+    pub counters: Arc<Counters>,
+    /// The store, for queries while running.
+    pub store: Store,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    grace: std::time::Duration,
+}
+
+impl Gateway {
+    /// Opens the store, binds the socket and starts ingest and the writer.
+    ///
+    /// # Errors
+    /// [`StartupError`] for an invalid config, an unusable database or a busy address.
+    pub async fn start(cfg: &Config) -> Result<Gateway, StartupError> {
+        cfg.validate()?;
+        let store = Store::open(&OpenOptions {
+            path: cfg.store.path.clone(),
+            durability: cfg.store.durability,
+            cache_kib: cfg.store.cache_kib,
+            create: true,
+        })
+        .await?;
+        let devices = store.device_states().await?;
+        let addr = cfg.telemetry.listen;
+        let (socket, granted) = ingest::bind(addr, cfg.telemetry.recv_buffer)
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        let udp_addr = socket
+            .local_addr()
+            .map_err(|source| StartupError::Bind { addr, source })?;
+        if granted < cfg.telemetry.recv_buffer {
+            tracing::warn!(
+                requested = cfg.telemetry.recv_buffer,
+                granted,
+                "UDP receive buffer smaller than requested; raise net.core.rmem_max"
+            );
+        }
+        let socket = Arc::new(socket);
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = mpsc::channel(cfg.telemetry.queue.get());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let writer = Writer::new(
+            store.pool().clone(),
+            rx,
+            socket.clone(),
+            counters.clone(),
+            &devices,
+            WriterConfig {
+                batch_readings: cfg.store.batch_readings.get(),
+                stats_interval: cfg.service.stats_interval,
+            },
+        );
+        tracing::info!(
+            udp = %udp_addr,
+            db = %cfg.store.path.display(),
+            devices = devices.len(),
+            durability = ?cfg.store.durability,
+            "gateway started"
+        );
+        let listener = ingest::Listener::new(
+            socket,
+            tx,
+            counters.clone(),
+            devices,
+            store.clone(),
+            cfg.service.stats_interval,
+            tracker.clone(),
+        );
+        tracker.spawn(listener.run(cancel.clone()));
+        tracker.spawn(async move {
+            if let Err(error) = writer.run().await {
+                tracing::error!(%error, "writer failed to start");
+            }
+        });
+        Ok(Gateway {
+            udp_addr,
+            counters,
+            store,
+            cancel,
+            tracker,
+            grace: cfg.service.shutdown_grace,
+        })
+    }
+
+    /// A token that stops the gateway when cancelled.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops accepting datagrams, commits what is queued and waits for the tasks, at most the
+    /// grace period. Returns false if the grace period ran out.
+    pub async fn stop(self) -> bool {
+        self.cancel.cancel();
+        self.tracker.close();
+        let done = tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_ok();
+        if !done {
+            tracing::warn!(grace = ?self.grace, "shutdown grace period ran out");
+        }
+        self.store.close().await;
+        done
+    }
+}

@@ -7,10 +7,10 @@
 //! are checked by this crate's tests, so the document and the code cannot drift apart.
 //!
 //! # Layout
-//! - [`telemetry`]: the header, readings and batches carried by a datagram, sealing and opening.
-//! - [`ack`]: the ack datagram the gateway sends once a datagram's readings are committed.
-//! - [`key`]: device keys and their text form.
-//! - [`error`]: decode and encode errors.
+//! - [`telemetry`] — the header, readings and batches carried by a datagram, sealing and opening.
+//! - [`ack`] — the ack datagram the gateway sends once a datagram's readings are committed.
+//! - [`key`] — device keys and their text form.
+//! - [`error`] — decode and encode errors.
 //!
 //! # Versioning
 //! The first byte of every datagram is [`VERSION`]. postcard is positional: adding, removing or

@@ -1,0 +1,165 @@
+//! What a run sent and what the gateway acknowledged, per device and in total; the JSON
+//! report a checker compares with the gateway's database.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::{Deserialize, Serialize};
+
+/// Faults injected during a run, by kind.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Transmissions not sent (simulated loss).
+    pub lost: u64,
+    /// Extra copies sent right after a transmission.
+    pub duplicated: u64,
+    /// Transmissions held back and sent after the next one.
+    pub reordered: u64,
+    /// Transmissions replaced by a copy with one bit flipped.
+    pub corrupted: u64,
+    /// Old datagrams sent again verbatim.
+    pub replayed: u64,
+}
+
+impl FaultCounts {
+    pub(crate) fn add(&mut self, o: &FaultCounts) {
+        self.lost += o.lost;
+        self.duplicated += o.duplicated;
+        self.reordered += o.reordered;
+        self.corrupted += o.corrupted;
+        self.replayed += o.replayed;
+    }
+}
+
+/// One device's part of the report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// Device id.
+    pub id: u32,
+    /// Distinct datagrams (sequence numbers) generated.
+    pub datagrams_sent: u64,
+    /// Distinct datagrams acknowledged.
+    pub datagrams_acked: u64,
+    /// Readings in the datagrams generated.
+    pub readings_sent: u64,
+    /// Readings in the datagrams acknowledged.
+    pub readings_acked: u64,
+    /// First sequence number used in this run (None if nothing was sent).
+    pub first_seq: Option<u64>,
+    /// Last sequence number used in this run.
+    pub last_seq: Option<u64>,
+    /// Transmissions after the first for the same datagram.
+    pub retransmissions: u64,
+    /// Datagrams still unacknowledged when retries ran out or the run ended.
+    pub unacked: u64,
+    /// Socket send errors (e.g. the gateway is not listening).
+    pub send_errors: u64,
+    /// Faults injected.
+    pub faults: FaultCounts,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    /// Distinct datagrams generated, all devices.
+    pub datagrams_sent: u64,
+    /// Distinct datagrams acknowledged.
+    pub datagrams_acked: u64,
+    /// Readings generated.
+    pub readings_sent: u64,
+    /// Readings acknowledged.
+    pub readings_acked: u64,
+    /// Retransmissions.
+    pub retransmissions: u64,
+    /// Datagrams never acknowledged (with acks on).
+    pub unacked: u64,
+    /// Socket send errors.
+    pub send_errors: u64,
+    /// Faults injected.
+    pub faults: FaultCounts,
+    /// Wall time of the run, seconds.
+    pub elapsed_s: f64,
+    /// Whether acks were requested.
+    pub ack: bool,
+    /// Per device, by id.
+    pub devices: Vec<DeviceReport>,
+}
+
+impl Report {
+    /// Sums per-device reports.
+    pub fn from_devices(mut devices: Vec<DeviceReport>, elapsed_s: f64, ack: bool) -> Self {
+        devices.sort_by_key(|d| d.id);
+        let mut r = Report {
+            elapsed_s,
+            ack,
+            ..Default::default()
+        };
+        for d in &devices {
+            r.datagrams_sent += d.datagrams_sent;
+            r.datagrams_acked += d.datagrams_acked;
+            r.readings_sent += d.readings_sent;
+            r.readings_acked += d.readings_acked;
+            r.retransmissions += d.retransmissions;
+            r.unacked += d.unacked;
+            r.send_errors += d.send_errors;
+            r.faults.add(&d.faults);
+        }
+        r.devices = devices;
+        r
+    }
+
+    /// A human summary, a few lines.
+    pub fn summary(&self) -> String {
+        let rate = |n: u64| n as f64 / self.elapsed_s.max(1e-9);
+        let mut s = format!(
+            "devices {}  elapsed {:.1}s\n\
+             sent   {} datagrams, {} readings ({:.0} readings/s)\n",
+            self.devices.len(),
+            self.elapsed_s,
+            self.datagrams_sent,
+            self.readings_sent,
+            rate(self.readings_sent),
+        );
+        if self.ack {
+            s.push_str(&format!(
+                "acked  {} datagrams, {} readings; {} retransmissions, {} unacked\n",
+                self.datagrams_acked, self.readings_acked, self.retransmissions, self.unacked
+            ));
+        }
+        let f = &self.faults;
+        if *f != FaultCounts::default() {
+            s.push_str(&format!(
+                "faults lost {} duplicated {} reordered {} corrupted {} replayed {}\n",
+                f.lost, f.duplicated, f.reordered, f.corrupted, f.replayed
+            ));
+        }
+        if self.send_errors > 0 {
+            s.push_str(&format!("send errors {}\n", self.send_errors));
+        }
+        s
+    }
+}
+
+/// Live totals for progress displays, updated by the device tasks.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Datagrams generated.
+    pub datagrams_sent: AtomicU64,
+    /// Readings generated.
+    pub readings_sent: AtomicU64,
+    /// Datagrams acknowledged.
+    pub datagrams_acked: AtomicU64,
+    /// Readings acknowledged.
+    pub readings_acked: AtomicU64,
+}
+
+impl Progress {
+    /// (datagrams sent, readings sent, datagrams acked, readings acked).
+    pub fn get(&self) -> (u64, u64, u64, u64) {
+        (
+            self.datagrams_sent.load(Relaxed),
+            self.readings_sent.load(Relaxed),
+            self.datagrams_acked.load(Relaxed),
+            self.readings_acked.load(Relaxed),
+        )
+    }
+}

@@ -1,0 +1,530 @@
+//! The command line: verbs, their flags and environment variables, and how results are
+//! printed. Settings are merged here, at the edge: defaults < TOML file < environment < flags.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use device_sim::fleet::{FleetDevice, FleetFile};
+use futures_util::TryStreamExt;
+
+use crate::config::{Config, Durability, default_db};
+use crate::store::query::{ReadingRow, ReadingsFilter};
+use crate::store::{DeviceRow, OpenOptions, Store};
+
+/// Edge gateway for sensor telemetry: authenticated UDP in, SQLite on disk.
+#[derive(Debug, Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "GATEWAY_LOG_FORMAT",
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
+    /// What to do; `serve` when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings of `serve` when no verb is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Receive telemetry and store it (the default verb).
+    Serve(ServeArgs),
+    /// Manage devices and their keys.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Query stored data.
+    #[command(subcommand)]
+    Query(QueryCommand),
+    /// Per-device received, lost and rejected counts, and the gateway's counters.
+    Stats(StatsArgs),
+    /// Run a gateway and a simulated fleet on loopback and show live figures.
+    Demo(DemoArgs),
+    /// Check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Settings of `serve`; each overrides the config file.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML config file (see deploy/gateway.example.toml).
+    #[arg(long, env = "GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Database file [default: gateway.db].
+    #[arg(long, env = "GATEWAY_DB")]
+    pub db: Option<PathBuf>,
+    /// UDP listen address for telemetry [default: 0.0.0.0:4780].
+    #[arg(long, env = "GATEWAY_UDP")]
+    pub udp: Option<SocketAddr>,
+    /// Commit durability [default: normal].
+    #[arg(long, env = "GATEWAY_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Datagrams that may wait for the writer [default: 65536].
+    #[arg(long, env = "GATEWAY_QUEUE")]
+    pub queue: Option<std::num::NonZeroUsize>,
+}
+
+impl ServeArgs {
+    /// The effective configuration: defaults, then the file, then these overrides.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or invalid values.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(db) = &self.db {
+            cfg.store.path = db.clone();
+        }
+        if let Some(udp) = self.udp {
+            cfg.telemetry.listen = udp;
+        }
+        if let Some(d) = self.durability {
+            cfg.store.durability = d;
+        }
+        if let Some(q) = self.queue {
+            cfg.telemetry.queue = q;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The database flag of every verb that opens it.
+#[derive(Debug, Args, Clone)]
+pub struct DbArg {
+    /// Database file.
+    #[arg(long, env = "GATEWAY_DB", default_value_os_t = default_db())]
+    pub db: PathBuf,
+}
+
+/// `gateway devices ...`
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Add one device and print its new key (shown only this once).
+    Add {
+        /// Device id; the next free one when omitted.
+        #[arg(long)]
+        id: Option<u32>,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// Create N devices and write the fleet file that device-sim reads (mode 0600).
+    Provision {
+        /// How many devices.
+        #[arg(long)]
+        count: u32,
+        /// Fleet file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace the fleet file if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        db: DbArg,
+    },
+    /// List devices with their counts (keys are never shown).
+    List {
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: ListFormat,
+        #[command(flatten)]
+        db: DbArg,
+    },
+}
+
+/// Output format of lists.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ListFormat {
+    /// Aligned columns.
+    Table,
+    /// JSON.
+    Json,
+}
+
+/// Output format of query results.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RowFormat {
+    /// Aligned columns.
+    Table,
+    /// Comma-separated values with a header line.
+    Csv,
+    /// One JSON array.
+    Json,
+    /// One JSON object per line.
+    Ndjson,
+}
+
+/// `gateway query ...`
+#[derive(Debug, Subcommand)]
+pub enum QueryCommand {
+    /// Stored readings, by device then time.
+    Readings(ReadingsArgs),
+}
+
+/// Filters and format of `gateway query readings`.
+#[derive(Debug, Args)]
+pub struct ReadingsArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Only this device.
+    #[arg(long)]
+    pub device: Option<u32>,
+    /// Only this sensor.
+    #[arg(long)]
+    pub sensor: Option<u16>,
+    /// Only readings from the last period (device clock), e.g. 10m, 2h, 7days.
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with_all = ["from", "to"])]
+    pub since: Option<Duration>,
+    /// Only readings at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    pub from: Option<SystemTime>,
+    /// Only readings before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    pub to: Option<SystemTime>,
+    /// At most this many rows.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Output format.
+    #[arg(long, default_value = "table")]
+    pub format: RowFormat,
+}
+
+/// `gateway stats`
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Output format.
+    #[arg(long, default_value = "table")]
+    pub format: ListFormat,
+}
+
+/// `gateway demo`
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub db: DbArg,
+    /// Fleet file of the demo devices; reused when it matches the database.
+    #[arg(long, default_value = "demo-fleet.json")]
+    pub fleet: PathBuf,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: u32,
+    /// Readings per second per device.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Readings per datagram.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Stop after this long (e.g. 30s); runs until Ctrl-C when omitted.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// `gateway config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and print the effective settings as TOML.
+    Check(ServeArgs),
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{e} (expected e.g. 2026-11-25T10:00:00Z)"))
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with milliseconds.
+pub fn format_ms(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `gateway devices ...`
+///
+/// # Errors
+/// Database errors, an existing fleet file without `--force`.
+pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    match cmd {
+        DevicesCommand::Add { id, name, db } => {
+            let store = Store::open(&OpenOptions::cli(&db.db, true)).await?;
+            let (id, key) = store.add_device(id, name.as_deref()).await?;
+            writeln!(out, "device {} added to {}", id.0, db.db.display())?;
+            writeln!(out, "key {}", key.to_hex())?;
+            writeln!(
+                out,
+                "Store this key in the device now: it is not shown again."
+            )?;
+            store.close().await;
+        }
+        DevicesCommand::Provision {
+            count,
+            out: path,
+            force,
+            db,
+        } => {
+            if count == 0 {
+                bail!("--count must be at least 1");
+            }
+            if path.exists() && !force {
+                bail!(
+                    "{} exists; pass --force to replace it (its devices stay in the database)",
+                    path.display()
+                );
+            }
+            let store = Store::open(&OpenOptions::cli(&db.db, true)).await?;
+            let fleet = provision(&store, count, &path).await?;
+            store.close().await;
+            let first = fleet.devices.first().map_or(0, |d| d.id);
+            let last = fleet.devices.last().map_or(0, |d| d.id);
+            writeln!(
+                out,
+                "provisioned {count} devices (ids {first}..={last}) in {}; fleet written to {} (mode 0600)",
+                db.db.display(),
+                path.display()
+            )?;
+        }
+        DevicesCommand::List { format, db } => {
+            let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
+            let rows = store.list_devices().await?;
+            store.close().await;
+            print_devices(&mut out, &rows, format)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `count` devices and writes their fleet file.
+///
+/// # Errors
+/// Database and file errors.
+pub async fn provision(store: &Store, count: u32, path: &Path) -> anyhow::Result<FleetFile> {
+    let devices = store.add_devices(None, count, None).await?;
+    let fleet = FleetFile::new(
+        devices
+            .into_iter()
+            .map(|(id, key)| FleetDevice {
+                id: id.0,
+                name: format!("device-{}", id.0),
+                key: key.to_hex(),
+                next_seq: 0,
+            })
+            .collect(),
+    );
+    fleet
+        .save(path)
+        .with_context(|| format!("writing fleet file {}", path.display()))?;
+    Ok(fleet)
+}
+
+fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -> io::Result<()> {
+    match format {
+        ListFormat::Json => {
+            serde_json::to_writer_pretty(&mut *out, rows)?;
+            writeln!(out)
+        }
+        ListFormat::Table => {
+            writeln!(
+                out,
+                "{:>10}  {:<20}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}",
+                "id", "name", "datagrams", "readings", "lost", "rejected", "last seen"
+            )?;
+            for r in rows {
+                writeln!(
+                    out,
+                    "{:>10}  {:<20}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}",
+                    r.id,
+                    r.name,
+                    r.datagrams,
+                    r.readings,
+                    r.lost,
+                    r.rejected,
+                    r.last_seen_ms.map_or_else(|| "never".into(), format_ms)
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `gateway query readings`
+///
+/// # Errors
+/// Database errors, bad time ranges, a closed stdout.
+pub async fn query(cmd: QueryCommand) -> anyhow::Result<()> {
+    let QueryCommand::Readings(args) = cmd;
+    let (from_ms, to_ms) = match (args.since, args.from, args.to) {
+        (Some(since), _, _) => (Some(ms(SystemTime::now() - since)), None),
+        (None, from, to) => (from.map(ms), to.map(ms)),
+    };
+    if let (Some(f), Some(t)) = (from_ms, to_ms)
+        && f >= t
+    {
+        bail!("--from must be before --to");
+    }
+    let store = Store::open(&OpenOptions::cli(&args.db.db, false)).await?;
+    let filter = ReadingsFilter {
+        device: args.device,
+        sensor: args.sensor,
+        from_ms,
+        to_ms,
+        limit: args.limit,
+    };
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let mut rows = std::pin::pin!(store.readings(&filter));
+    let mut first = true;
+    match args.format {
+        RowFormat::Table => writeln!(
+            out,
+            "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
+            "device", "sensor", "time", "value", "seq", "idx"
+        )?,
+        RowFormat::Csv => writeln!(out, "device,sensor,time,ts_ms,value,seq,idx")?,
+        RowFormat::Json => write!(out, "[")?,
+        RowFormat::Ndjson => {}
+    }
+    let mut count = 0u64;
+    while let Some(r) = rows.try_next().await? {
+        write_row(&mut out, &r, args.format, first)?;
+        first = false;
+        count += 1;
+    }
+    if args.format == RowFormat::Json {
+        writeln!(out, "]")?;
+    }
+    out.flush()?;
+    if args.format == RowFormat::Table {
+        eprintln!("{count} readings");
+    }
+    Ok(())
+}
+
+fn value_text(v: Option<f64>) -> String {
+    v.map_or_else(|| "NaN".into(), |v| v.to_string())
+}
+
+fn write_row(
+    out: &mut impl Write,
+    r: &ReadingRow,
+    format: RowFormat,
+    first: bool,
+) -> io::Result<()> {
+    match format {
+        RowFormat::Table => writeln!(
+            out,
+            "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
+            r.device,
+            r.sensor,
+            format_ms(r.ts_ms),
+            value_text(r.value),
+            r.seq,
+            r.idx
+        ),
+        RowFormat::Csv => writeln!(
+            out,
+            "{},{},{},{},{},{},{}",
+            r.device,
+            r.sensor,
+            format_ms(r.ts_ms),
+            r.ts_ms,
+            value_text(r.value),
+            r.seq,
+            r.idx
+        ),
+        RowFormat::Json | RowFormat::Ndjson => {
+            let obj = serde_json::json!({
+                "device": r.device,
+                "sensor": r.sensor,
+                "time": format_ms(r.ts_ms),
+                "ts_ms": r.ts_ms,
+                "value": r.value,
+                "seq": r.seq,
+                "idx": r.idx,
+            });
+            if format == RowFormat::Json {
+                if !first {
+                    write!(out, ",")?;
+                }
+                write!(out, "\n{obj}")
+            } else {
+                writeln!(out, "{obj}")
+            }
+        }
+    }
+}
+
+/// `gateway stats`
+///
+/// # Errors
+/// Database errors.
+pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let store = Store::open(&OpenOptions::cli(&args.db.db, false)).await?;
+    let counters = store.counters().await?;
+    let devices = store.list_devices().await?;
+    store.close().await;
+    let mut out = io::stdout().lock();
+    match args.format {
+        ListFormat::Json => {
+            let counters: serde_json::Map<String, serde_json::Value> = counters
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::from(v)))
+                .collect();
+            serde_json::to_writer_pretty(
+                &mut out,
+                &serde_json::json!({ "counters": counters, "devices": devices }),
+            )?;
+            writeln!(out)?;
+        }
+        ListFormat::Table => {
+            writeln!(out, "counters (cumulative; latency of the last run)")?;
+            for (k, v) in &counters {
+                writeln!(out, "  {k:<28} {v:>14}")?;
+            }
+            writeln!(out)?;
+            print_devices(&mut out, &devices, ListFormat::Table)?;
+        }
+    }
+    Ok(())
+}
+
+/// `gateway config check`
+///
+/// # Errors
+/// An invalid configuration.
+pub fn config_check(args: &ServeArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    println!("# configuration is valid; effective settings:");
+    print!("{}", toml::to_string_pretty(&cfg)?);
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! The gateway's settings: one typed tree, read from an optional TOML file, then overridden by
+//! environment variables and flags (that merge happens in `cli`, at the edge). No I/O here
+//! beyond reading the file.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Everything `gateway serve` needs.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP telemetry ingest.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// SQLite storage.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Process-level settings.
+    #[serde(default)]
+    pub service: ServiceConfig,
+}
+
+/// UDP telemetry ingest settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address the UDP socket binds to. Default `0.0.0.0:4780`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Datagrams that may wait between the socket and the writer. When full, datagrams are
+    /// dropped (counted as `queue_full`, never acked). Default 65,536 (about 8 MiB at 16
+    /// readings a datagram).
+    #[serde(default = "default_queue")]
+    pub queue: NonZeroUsize,
+    /// Kernel receive buffer (SO_RCVBUF) in bytes; bursts beyond it are lost by the kernel.
+    /// Default 8 MiB. The kernel may cap it (net.core.rmem_max); the gateway logs what it got.
+    #[serde(default = "default_recv_buffer")]
+    pub recv_buffer: usize,
+}
+
+/// How hard a commit is pressed to disk.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=NORMAL` in WAL mode: a committed (and acked) reading survives a crash or kill
+    /// of the gateway process; the last transactions before a power loss may be lost.
+    #[default]
+    Normal,
+    /// `synchronous=FULL`: every commit is flushed to stable storage before the ack, so acked
+    /// readings also survive power loss. Costs an fsync per transaction.
+    Full,
+}
+
+/// SQLite storage settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Database file; created with its schema when missing. Default `gateway.db`.
+    #[serde(default = "default_db")]
+    pub path: PathBuf,
+    /// Commit durability, see [`Durability`]. Default `normal`.
+    #[serde(default)]
+    pub durability: Durability,
+    /// Most readings committed in one transaction. Larger batches amortise the commit; the
+    /// writer never waits to fill one. Default 16,384.
+    #[serde(default = "default_batch_readings")]
+    pub batch_readings: NonZeroUsize,
+    /// SQLite page cache of the writer connection, in KiB. Default 16,384 (16 MiB).
+    #[serde(default = "default_cache_kib")]
+    pub cache_kib: u32,
+}
+
+/// Process-level settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// How long shutdown may take to flush and commit before the process exits anyway.
+    /// Default 4s.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// How often counters are written to the database for `gateway stats`. Default 1s.
+    #[serde(default = "default_stats_interval", with = "humantime_serde")]
+    pub stats_interval: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4780))
+}
+fn default_queue() -> NonZeroUsize {
+    NonZeroUsize::new(65_536).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_recv_buffer() -> usize {
+    8 << 20
+}
+/// The database file every verb uses when `--db` is not given.
+pub fn default_db() -> PathBuf {
+    PathBuf::from("gateway.db")
+}
+fn default_batch_readings() -> NonZeroUsize {
+    NonZeroUsize::new(16_384).unwrap_or(NonZeroUsize::MIN)
+}
+fn default_cache_kib() -> u32 {
+    16_384
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_stats_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            queue: default_queue(),
+            recv_buffer: default_recv_buffer(),
+        }
+    }
+}
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_db(),
+            durability: Durability::default(),
+            batch_readings: default_batch_readings(),
+            cache_kib: default_cache_kib(),
+        }
+    }
+}
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_grace: default_grace(),
+            stats_interval: default_stats_interval(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this tree (unknown keys are errors).
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of its bounds.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid {
+        /// Dotted path of the setting.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`], [`ConfigError::Parse`], or the errors of [`Config::validate`].
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks cross-field rules and bounds.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first bad setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.telemetry.recv_buffer < 64 * 1024 {
+            return Err(ConfigError::Invalid {
+                field: "telemetry.recv_buffer",
+                reason: "at least 65536 bytes",
+            });
+        }
+        if self.store.batch_readings.get() < proto::MAX_READINGS {
+            return Err(ConfigError::Invalid {
+                field: "store.batch_readings",
+                reason: "at least one full datagram (50 readings)",
+            });
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "store.path",
+                reason: "must not be empty",
+            });
+        }
+        if self.service.stats_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "service.stats_interval",
+                reason: "must be positive",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_loads_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/gateway.example.toml");
+        let cfg = Config::from_file(&path).expect("example config is valid");
+        let def = Config::default();
+        assert_eq!(cfg.telemetry.listen, def.telemetry.listen);
+        assert_eq!(cfg.telemetry.queue, def.telemetry.queue);
+        assert_eq!(cfg.store.durability, def.store.durability);
+        assert_eq!(cfg.service.shutdown_grace, def.service.shutdown_grace);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let err = toml::from_str::<Config>("[telemetry]\nlisten = \"0.0.0.0:1\"\nqeue = 5\n");
+        assert!(err.is_err());
+        let cfg: Config = toml::from_str("[store]\nbatch_readings = 10\n").expect("parses");
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::Invalid {
+                field: "store.batch_readings",
+                ..
+            })
+        ));
+        let cfg: Config = toml::from_str("[store]\ndurability = \"full\"\n").expect("parses");
+        assert_eq!(cfg.store.durability, Durability::Full);
+        assert!(toml::from_str::<Config>("[store]\ndurability = \"fast\"\n").is_err());
+    }
+}

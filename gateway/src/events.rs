@@ -1,0 +1,241 @@
+//! The gateway's counters and the events that move them. Metric names are the constants here
+//! and nowhere else: the store persists them under these names and `gateway stats` prints them.
+//!
+//! Emits: `debug` per dropped datagram (target `gateway::events`), and a `warn` summary of drops
+//! at most once per log interval (see [`DropLog`]).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use proto::DecodeError;
+use tokio::time::Instant;
+
+/// Why a received datagram was not stored. Order and names are stable: they are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than the smallest valid datagram.
+    TooShort,
+    /// Longer than the protocol allows.
+    TooLong,
+    /// Unknown protocol version.
+    BadVersion,
+    /// Reserved flags or an out-of-range sequence number.
+    BadHeader,
+    /// The device id is not provisioned.
+    UnknownDevice,
+    /// Authentication failed: wrong key, corrupted or forged.
+    BadTag,
+    /// Authentic but undecodable payload.
+    BadPayload,
+    /// Sequence number older than the replay window.
+    Replay,
+    /// Sequence number already seen inside the window.
+    Duplicate,
+    /// The queue to the writer was full.
+    QueueFull,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::TooShort,
+        DropReason::TooLong,
+        DropReason::BadVersion,
+        DropReason::BadHeader,
+        DropReason::UnknownDevice,
+        DropReason::BadTag,
+        DropReason::BadPayload,
+        DropReason::Replay,
+        DropReason::Duplicate,
+        DropReason::QueueFull,
+    ];
+
+    /// The counter name, `drop_<reason>`.
+    pub fn counter(self) -> &'static str {
+        match self {
+            DropReason::TooShort => "drop_too_short",
+            DropReason::TooLong => "drop_too_long",
+            DropReason::BadVersion => "drop_bad_version",
+            DropReason::BadHeader => "drop_bad_header",
+            DropReason::UnknownDevice => "drop_unknown_device",
+            DropReason::BadTag => "drop_bad_tag",
+            DropReason::BadPayload => "drop_bad_payload",
+            DropReason::Replay => "drop_replay",
+            DropReason::Duplicate => "drop_duplicate",
+            DropReason::QueueFull => "drop_queue_full",
+        }
+    }
+
+    /// Whether the datagram was attributed to a provisioned device (and counts as rejected for it).
+    pub fn is_per_device(self) -> bool {
+        matches!(
+            self,
+            DropReason::BadTag
+                | DropReason::BadPayload
+                | DropReason::Replay
+                | DropReason::Duplicate
+        )
+    }
+}
+
+impl From<&DecodeError> for DropReason {
+    fn from(e: &DecodeError) -> Self {
+        match e {
+            DecodeError::TooShort { .. } => DropReason::TooShort,
+            DecodeError::TooLong { .. } => DropReason::TooLong,
+            DecodeError::BadVersion { .. } => DropReason::BadVersion,
+            DecodeError::BadHeader { .. } => DropReason::BadHeader,
+            DecodeError::BadTag => DropReason::BadTag,
+            DecodeError::BadPayload | DecodeError::TooManyReadings { .. } => DropReason::BadPayload,
+        }
+    }
+}
+
+/// Counter names other than drops.
+pub mod names {
+    /// Datagrams read from the socket.
+    pub const DATAGRAMS_RECEIVED: &str = "datagrams_received";
+    /// Datagrams that passed every check and were queued for the writer.
+    pub const DATAGRAMS_ACCEPTED: &str = "datagrams_accepted";
+    /// Datagrams whose readings are committed.
+    pub const DATAGRAMS_COMMITTED: &str = "datagrams_committed";
+    /// Readings committed.
+    pub const READINGS_COMMITTED: &str = "readings_committed";
+    /// SQLite transactions committed by the writer.
+    pub const TRANSACTIONS: &str = "transactions";
+    /// Acks sent (including re-acks of duplicates).
+    pub const ACKS_SENT: &str = "acks_sent";
+    /// Acks the socket could not take (device will retransmit).
+    pub const ACKS_FAILED: &str = "acks_failed";
+    /// Commit attempts that failed and were retried.
+    pub const COMMIT_ERRORS: &str = "commit_errors";
+    /// Receive-to-commit latency of the current run, median, microseconds (a gauge).
+    pub const LATENCY_P50_US: &str = "commit_latency_p50_us";
+    /// Receive-to-commit latency of the current run, 99th percentile, microseconds (a gauge).
+    pub const LATENCY_P99_US: &str = "commit_latency_p99_us";
+    /// Receive-to-commit latency of the current run, maximum, microseconds (a gauge).
+    pub const LATENCY_MAX_US: &str = "commit_latency_max_us";
+}
+
+/// Live counters of one gateway run, shared by ingest, writer and whoever reports them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; 10],
+    /// See [`names::DATAGRAMS_RECEIVED`].
+    pub datagrams_received: AtomicU64,
+    /// See [`names::DATAGRAMS_ACCEPTED`].
+    pub datagrams_accepted: AtomicU64,
+    /// See [`names::DATAGRAMS_COMMITTED`].
+    pub datagrams_committed: AtomicU64,
+    /// See [`names::READINGS_COMMITTED`].
+    pub readings_committed: AtomicU64,
+    /// See [`names::TRANSACTIONS`].
+    pub transactions: AtomicU64,
+    /// See [`names::ACKS_SENT`].
+    pub acks_sent: AtomicU64,
+    /// See [`names::ACKS_FAILED`].
+    pub acks_failed: AtomicU64,
+    /// See [`names::COMMIT_ERRORS`].
+    pub commit_errors: AtomicU64,
+    /// See [`names::LATENCY_P50_US`].
+    pub latency_p50_us: AtomicU64,
+    /// See [`names::LATENCY_P99_US`].
+    pub latency_p99_us: AtomicU64,
+    /// See [`names::LATENCY_MAX_US`].
+    pub latency_max_us: AtomicU64,
+}
+
+/// A snapshot of counters as (name, value, is_gauge) rows, the form the store persists.
+pub type Snapshot = Vec<(&'static str, u64, bool)>;
+
+impl Counters {
+    /// Counts a dropped datagram.
+    pub fn dropped(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Relaxed);
+        tracing::debug!(target: "gateway::events", reason = reason.counter(), "datagram dropped");
+    }
+
+    /// Drops so far for one reason.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].load(Relaxed)
+    }
+
+    /// Every counter with its name; gauges are flagged so they are stored, not added.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut out: Snapshot = DropReason::ALL
+            .iter()
+            .map(|r| (r.counter(), self.drops(*r), false))
+            .collect();
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        out.extend([
+            (
+                names::DATAGRAMS_RECEIVED,
+                c(&self.datagrams_received),
+                false,
+            ),
+            (
+                names::DATAGRAMS_ACCEPTED,
+                c(&self.datagrams_accepted),
+                false,
+            ),
+            (
+                names::DATAGRAMS_COMMITTED,
+                c(&self.datagrams_committed),
+                false,
+            ),
+            (
+                names::READINGS_COMMITTED,
+                c(&self.readings_committed),
+                false,
+            ),
+            (names::TRANSACTIONS, c(&self.transactions), false),
+            (names::ACKS_SENT, c(&self.acks_sent), false),
+            (names::ACKS_FAILED, c(&self.acks_failed), false),
+            (names::COMMIT_ERRORS, c(&self.commit_errors), false),
+            (names::LATENCY_P50_US, c(&self.latency_p50_us), true),
+            (names::LATENCY_P99_US, c(&self.latency_p99_us), true),
+            (names::LATENCY_MAX_US, c(&self.latency_max_us), true),
+        ]);
+        out
+    }
+}
+
+/// Logs a summary of drops at most once per interval, so a flood of bad datagrams cannot
+/// flood the log.
+#[derive(Debug)]
+pub struct DropLog {
+    every: Duration,
+    last: Instant,
+    seen: [u64; 10],
+}
+
+impl DropLog {
+    /// A log that speaks at most once per `every`.
+    pub fn new(every: Duration, now: Instant) -> Self {
+        Self {
+            every,
+            last: now,
+            seen: [0; 10],
+        }
+    }
+
+    /// Warns with the drops since the last warning, if the interval has passed and any happened.
+    pub fn maybe_log(&mut self, counters: &Counters, now: Instant) {
+        if now.duration_since(self.last) < self.every {
+            return;
+        }
+        self.last = now;
+        let mut parts = Vec::new();
+        for r in DropReason::ALL {
+            let v = counters.drops(r);
+            let delta = v - self.seen[r as usize];
+            self.seen[r as usize] = v;
+            if delta > 0 {
+                parts.push(format!("{}={delta}", &r.counter()[5..]));
+            }
+        }
+        if !parts.is_empty() {
+            tracing::warn!(drops = %parts.join(" "), "datagrams dropped");
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! UDP telemetry ingest: reads datagrams, checks size, header, device, tag, payload and replay
+//! window, and queues accepted datagrams for the writer on a bounded queue. Every rejected
+//! datagram is counted by reason; nothing is answered before authentication.
+//!
+//! One task owns the socket and the per-device state, so the window check and the enqueue are
+//! one step: a datagram is marked seen only once it is queued, and a queue-full drop leaves it
+//! unseen for the device's retransmission.
+//!
+//! Emits: `debug` per drop (via [`Counters::dropped`]), a rate-limited `warn` summary of drops,
+//! `info` when devices are reloaded and when it stops.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use proto::{Ack, Batch, Cipher, DecodeError, DeviceId, Header, MAX_DATAGRAM};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::events::{Counters, DropLog, DropReason};
+use crate::replay::{ReplayWindow, Verdict};
+use crate::store::writer::{Accepted, Item};
+use crate::store::{DeviceState, Store};
+
+/// Datagrams read per wake-up before the task checks its other duties.
+const RECV_BURST: usize = 256;
+/// Shortest time between two reloads of the device table caused by unknown device ids.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// Time between summaries of drops in the log.
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+struct Device {
+    cipher: Cipher,
+    window: ReplayWindow,
+    /// Rejected datagrams not yet reported to the writer.
+    rejected: u64,
+}
+
+/// The ingest task.
+pub struct Listener {
+    socket: Arc<UdpSocket>,
+    tx: mpsc::Sender<Item>,
+    counters: Arc<Counters>,
+    devices: HashMap<DeviceId, Device>,
+    store: Store,
+    report_every: Duration,
+    tracker: TaskTracker,
+}
+
+impl Listener {
+    /// A listener on `socket` that knows `devices` and queues into `tx`.
+    pub fn new(
+        socket: Arc<UdpSocket>,
+        tx: mpsc::Sender<Item>,
+        counters: Arc<Counters>,
+        devices: Vec<DeviceState>,
+        store: Store,
+        report_every: Duration,
+        tracker: TaskTracker,
+    ) -> Self {
+        let devices = devices
+            .into_iter()
+            .map(|d| {
+                (
+                    d.id,
+                    Device {
+                        cipher: d.key.cipher(),
+                        window: d.window,
+                        rejected: 0,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            socket,
+            tx,
+            counters,
+            devices,
+            store,
+            report_every,
+            tracker,
+        }
+    }
+
+    /// Runs until `cancel` fires; then returns, dropping its queue sender so the writer drains.
+    ///
+    /// # Cancel safety
+    /// Stops between datagrams; a datagram already read is handled before stopping.
+    #[tracing::instrument(name = "ingest", skip_all, fields(addr = ?self.socket.local_addr().ok()))]
+    pub async fn run(mut self, cancel: CancellationToken) {
+        // One extra byte tells an oversized datagram from a maximal one.
+        let mut buf = vec![0u8; MAX_DATAGRAM + 1];
+        let mut report = tokio::time::interval(self.report_every);
+        report.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut drop_log = DropLog::new(DROP_LOG_EVERY, Instant::now());
+        let mut reload_wanted = false;
+        let mut last_reload: Option<Instant> = None;
+        let (reload_tx, mut reload_rx) = mpsc::channel::<Vec<DeviceState>>(1);
+        let mut reloading = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                Some(states) = reload_rx.recv() => {
+                    reloading = false;
+                    self.add_devices(states);
+                }
+                _ = report.tick() => {
+                    self.report_rejected();
+                    drop_log.maybe_log(&self.counters, Instant::now());
+                }
+                r = self.socket.recv_from(&mut buf) => {
+                    let mut next = Some(r);
+                    let mut n = 0;
+                    while let Some(r) = next.take() {
+                        match r {
+                            Ok((len, peer)) => {
+                                if self.handle(&mut buf[..len], peer) {
+                                    reload_wanted = true;
+                                }
+                            }
+                            Err(error) => {
+                                // Errors such as ICMP port unreachable reports are per
+                                // datagram; the socket stays usable.
+                                tracing::debug!(%error, "recv failed");
+                            }
+                        }
+                        n += 1;
+                        if n < RECV_BURST {
+                            match self.socket.try_recv_from(&mut buf) {
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                r => next = Some(r),
+                            }
+                        }
+                    }
+                }
+            }
+            if reload_wanted
+                && !reloading
+                && last_reload.is_none_or(|t| t.elapsed() >= RELOAD_EVERY)
+            {
+                reload_wanted = false;
+                reloading = true;
+                last_reload = Some(Instant::now());
+                let store = self.store.clone();
+                let tx = reload_tx.clone();
+                // A short-lived query task, tracked; at most one is in flight.
+                self.tracker.spawn(async move {
+                    match store.device_states().await {
+                        Ok(states) => {
+                            let _ = tx.send(states).await;
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "device reload failed");
+                            let _ = tx.send(Vec::new()).await;
+                        }
+                    }
+                });
+            }
+        }
+        self.report_rejected();
+        drop_log.maybe_log(&self.counters, Instant::now() + DROP_LOG_EVERY);
+        tracing::info!("ingest stopped");
+    }
+
+    /// Learns devices provisioned since start; known devices keep their live state.
+    fn add_devices(&mut self, states: Vec<DeviceState>) {
+        let mut added = 0;
+        for d in states {
+            self.devices.entry(d.id).or_insert_with(|| {
+                added += 1;
+                Device {
+                    cipher: d.key.cipher(),
+                    window: d.window,
+                    rejected: 0,
+                }
+            });
+        }
+        if added > 0 {
+            tracing::info!(added, "devices loaded");
+        }
+    }
+
+    /// Hands per-device rejected counts to the writer; kept for next time if the queue is full.
+    fn report_rejected(&mut self) {
+        let list: Vec<(DeviceId, u64)> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.rejected > 0)
+            .map(|(id, d)| (*id, d.rejected))
+            .collect();
+        if list.is_empty() {
+            return;
+        }
+        if self.tx.try_send(Item::Rejected(list)).is_ok() {
+            for d in self.devices.values_mut() {
+                d.rejected = 0;
+            }
+        }
+    }
+
+    /// Handles one datagram. Returns true when it named an unknown device (a reload may help).
+    fn handle(&mut self, datagram: &mut [u8], peer: SocketAddr) -> bool {
+        let received = Instant::now();
+        self.counters.datagrams_received.fetch_add(1, Relaxed);
+        let header = match Header::peek(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                self.counters.dropped(DropReason::from(&e));
+                return false;
+            }
+        };
+        let Some(device) = self.devices.get_mut(&header.device) else {
+            self.counters.dropped(DropReason::UnknownDevice);
+            return true;
+        };
+        let batch = match Batch::open(datagram, &device.cipher) {
+            Ok((_, batch)) => batch,
+            Err(e) => {
+                device.rejected += 1;
+                self.counters.dropped(DropReason::from(&e));
+                return false;
+            }
+        };
+        // Timestamps are stored as signed 64-bit integers.
+        if batch.readings.iter().any(|r| r.ts.0 > i64::MAX as u64) {
+            device.rejected += 1;
+            self.counters
+                .dropped(DropReason::from(&DecodeError::BadPayload));
+            return false;
+        }
+        let ack = header.flags.ack_requested().then(|| {
+            Ack {
+                device: header.device,
+                seq: header.seq,
+            }
+            .seal(&device.cipher)
+        });
+        match device.window.check(header.seq.0) {
+            Verdict::TooOld => {
+                device.rejected += 1;
+                self.counters.dropped(DropReason::Replay);
+            }
+            Verdict::Duplicate => {
+                device.rejected += 1;
+                self.counters.dropped(DropReason::Duplicate);
+                // The original is committed or queued ahead of this: ack after it commits.
+                // If the queue is full the device simply retransmits later.
+                if let Some(ack) = ack {
+                    let _ = self.tx.try_send(Item::Reack { peer, ack });
+                }
+            }
+            Verdict::New => {
+                let item = Item::Datagram(Accepted {
+                    device: header.device,
+                    seq: header.seq,
+                    peer,
+                    ack,
+                    readings: batch.readings,
+                    received,
+                });
+                match self.tx.try_send(item) {
+                    Ok(()) => {
+                        device.window.mark(header.seq.0);
+                        self.counters.datagrams_accepted.fetch_add(1, Relaxed);
+                    }
+                    Err(TrySendError::Full(_)) => self.counters.dropped(DropReason::QueueFull),
+                    Err(TrySendError::Closed(_)) => {
+                        // Only during shutdown; the datagram is not acked, the device retries.
+                        self.counters.dropped(DropReason::QueueFull);
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Binds the telemetry socket with the requested receive buffer; returns it and the buffer
+/// size the kernel granted.
+///
+/// # Errors
+/// Socket creation, option or bind errors.
+pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<(UdpSocket, usize)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: the kernel caps it at net.core.rmem_max; we report what we got.
+    let _ = socket.set_recv_buffer_size(recv_buffer);
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    Ok((socket, granted))
+}

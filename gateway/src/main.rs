@@ -1,0 +1,53 @@
+//! `gateway`: parses the command line, sets up logging and the runtime, and dispatches to the
+//! library. No logic lives here.
+
+use anyhow::Context;
+use clap::Parser;
+use gateway::cli::{Cli, Command, ConfigCommand, LogFormat};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, None | Some(Command::Serve(_)));
+    init_tracing(cli.log_format, if serving { "info" } else { "warn" });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            None => serve(cli.serve).await,
+            Some(Command::Serve(args)) => serve(args).await,
+            Some(Command::Devices(cmd)) => gateway::cli::devices(cmd).await,
+            Some(Command::Query(cmd)) => gateway::cli::query(cmd).await,
+            Some(Command::Stats(args)) => gateway::cli::stats(args).await,
+            Some(Command::Demo(args)) => gateway::demo::run(args).await,
+            Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
+        }
+    })
+}
+
+async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    let gw = gateway::Gateway::start(&cfg).await?;
+    // Tests and scripts read this line to learn the bound address (with port 0).
+    println!("gateway listening on udp://{}", gw.udp_addr);
+    gateway::signal::shutdown()
+        .await
+        .context("installing signal handlers")?;
+    if !gw.stop().await {
+        anyhow::bail!("shutdown did not finish within the grace period");
+    }
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,357 @@
+//! SQLite persistence: opening the database, its schema (embedded migrations), devices and keys,
+//! counters, and read queries. All SQL of the gateway lives in this module and its children.
+//!
+//! The single writer of readings is [`writer`]; everything here is either setup or a short
+//! transaction that readers and CLI verbs may run while the gateway is serving (WAL mode lets
+//! them proceed without blocking the writer).
+
+pub mod query;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use proto::{DeviceId, DeviceKey};
+use rand::RngCore;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use thiserror::Error;
+
+use crate::config::Durability;
+use crate::events::Snapshot;
+use crate::replay::ReplayWindow;
+
+/// Errors of the storage layer.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A verb that reads was pointed at a file that does not exist.
+    #[error("no database at {0} (start the gateway or provision devices first, or pass --db)")]
+    Missing(PathBuf),
+    /// SQLite or the driver failed.
+    #[error("database error: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    /// Applying the embedded migrations failed.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A device id that is already provisioned.
+    #[error("device {0} already exists")]
+    DeviceExists(u32),
+    /// No free device id is left.
+    #[error("device ids exhausted")]
+    IdsExhausted,
+    /// A stored row is not what this version wrote (a damaged or foreign database).
+    #[error("corrupt row in {table}: {reason}")]
+    Corrupt {
+        /// Table of the row.
+        table: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+/// How a database is opened.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Database file.
+    pub path: PathBuf,
+    /// Commit durability.
+    pub durability: Durability,
+    /// Page cache per connection, KiB.
+    pub cache_kib: u32,
+    /// Create the file when missing (serve, provisioning) or fail (query, stats).
+    pub create: bool,
+}
+
+impl OpenOptions {
+    /// Options for a CLI verb on `path`: default durability and a small cache.
+    pub fn cli(path: &Path, create: bool) -> Self {
+        Self {
+            path: path.to_owned(),
+            durability: Durability::Normal,
+            cache_kib: 2048,
+            create,
+        }
+    }
+}
+
+/// A device as the ingest path needs it: key and committed replay state.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    /// Device id.
+    pub id: DeviceId,
+    /// Its key.
+    pub key: DeviceKey,
+    /// Committed replay window.
+    pub window: ReplayWindow,
+}
+
+/// A device as `gateway devices list` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeviceRow {
+    /// Device id.
+    pub id: u32,
+    /// Display name.
+    pub name: String,
+    /// When it was provisioned, ms since the epoch.
+    pub created_ms: i64,
+    /// Receive time of its last committed datagram, ms since the epoch.
+    pub last_seen_ms: Option<i64>,
+    /// Distinct datagrams committed.
+    pub datagrams: i64,
+    /// Readings committed.
+    pub readings: i64,
+    /// Datagrams that passed the window with gaps: highest - first + 1 - committed.
+    pub lost: i64,
+    /// Datagrams rejected (bad tag, bad payload, replay, duplicate).
+    pub rejected: i64,
+}
+
+/// Handle to the database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Milliseconds since the Unix epoch, by the gateway's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (or creates) the database, sets WAL mode and durability, and applies migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Missing`] when `create` is false and the file does not exist; driver and
+    /// migration errors otherwise.
+    pub async fn open(opts: &OpenOptions) -> Result<Store, StoreError> {
+        if !opts.create && !opts.path.exists() {
+            return Err(StoreError::Missing(opts.path.clone()));
+        }
+        let connect = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(&opts.path)
+            .create_if_missing(opts.create)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match opts.durability {
+                Durability::Normal => SqliteSynchronous::Normal,
+                Durability::Full => SqliteSynchronous::Full,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", format!("-{}", opts.cache_kib))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(connect)
+            .await?;
+        sqlx::migrate!("../migrations").run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// The connection pool, for the writer and queries of this module.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Closes every connection, waiting for them to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Adds one device with a fresh random key. With `id` None the next free id is taken.
+    ///
+    /// # Errors
+    /// [`StoreError::DeviceExists`] for a taken id, [`StoreError::IdsExhausted`].
+    pub async fn add_device(
+        &self,
+        id: Option<u32>,
+        name: Option<&str>,
+    ) -> Result<(DeviceId, DeviceKey), StoreError> {
+        let mut devices = self.add_devices(id, 1, name).await?;
+        devices.pop().ok_or(StoreError::IdsExhausted)
+    }
+
+    /// Adds `count` devices with consecutive ids (from `first`, or after the highest id) and
+    /// fresh random keys, in one transaction.
+    ///
+    /// # Errors
+    /// As [`Store::add_device`].
+    pub async fn add_devices(
+        &self,
+        first: Option<u32>,
+        count: u32,
+        name: Option<&str>,
+    ) -> Result<Vec<(DeviceId, DeviceKey)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let start = match first {
+            Some(id) => u64::from(id),
+            None => {
+                let (max,): (Option<i64>,) = sqlx::query_as("SELECT max(id) FROM devices")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                max.map_or(1, |m| m as u64 + 1)
+            }
+        };
+        if start + u64::from(count) > u64::from(u32::MAX) + 1 {
+            return Err(StoreError::IdsExhausted);
+        }
+        let now = now_ms();
+        let mut out = Vec::with_capacity(count as usize);
+        let mut rng = rand::rng();
+        for i in 0..u64::from(count) {
+            let id = (start + i) as u32;
+            let mut key = [0u8; 32];
+            rng.fill_bytes(&mut key);
+            let label = match name {
+                Some(n) if count == 1 => n.to_owned(),
+                Some(n) => format!("{n}-{id}"),
+                None => format!("device-{id}"),
+            };
+            let res = sqlx::query(
+                "INSERT INTO devices (id, name, key, created_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT(id) DO NOTHING",
+            )
+            .bind(i64::from(id))
+            .bind(label)
+            .bind(&key[..])
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if res.rows_affected() == 0 {
+                return Err(StoreError::DeviceExists(id));
+            }
+            out.push((DeviceId(id), DeviceKey(key)));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Every device with its counts, by id.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            id: i64,
+            name: String,
+            created_ms: i64,
+            last_seen_ms: Option<i64>,
+            datagrams: i64,
+            readings: i64,
+            first_seq: Option<i64>,
+            max_seq: Option<i64>,
+            rejected: i64,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, name, created_ms, last_seen_ms, datagrams, readings, first_seq, \
+             max_seq, rejected FROM devices ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let lost = match (r.first_seq, r.max_seq) {
+                    (Some(f), Some(m)) => (m - f + 1 - r.datagrams).max(0),
+                    _ => 0,
+                };
+                DeviceRow {
+                    id: r.id as u32,
+                    name: r.name,
+                    created_ms: r.created_ms,
+                    last_seen_ms: r.last_seen_ms,
+                    datagrams: r.datagrams,
+                    readings: r.readings,
+                    lost,
+                    rejected: r.rejected,
+                }
+            })
+            .collect())
+    }
+
+    /// Keys and committed replay windows of every device (all of them, or those with id in `ids`).
+    ///
+    /// # Errors
+    /// Driver errors, [`StoreError::Corrupt`] for a key or window of the wrong size.
+    pub async fn device_states(&self) -> Result<Vec<DeviceState>, StoreError> {
+        type Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>);
+        let rows: Vec<Row> = sqlx::query_as("SELECT id, key, max_seq, window FROM devices")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter()
+            .map(|(id, key, max, window)| {
+                let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt {
+                    table: "devices",
+                    reason: "key is not 32 bytes",
+                })?;
+                let bits = match window {
+                    None => 0,
+                    Some(w) => {
+                        u128::from_le_bytes(w.try_into().map_err(|_| StoreError::Corrupt {
+                            table: "devices",
+                            reason: "window is not 16 bytes",
+                        })?)
+                    }
+                };
+                Ok(DeviceState {
+                    id: DeviceId(id as u32),
+                    key: DeviceKey(key),
+                    window: ReplayWindow::from_parts(max.map(|m| m as u64), bits),
+                })
+            })
+            .collect()
+    }
+
+    /// Stored counters by name.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn counters(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT name, value FROM counters ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Runs `PRAGMA integrity_check` and returns its first line ("ok" when healthy).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn integrity_check(&self) -> Result<String, StoreError> {
+        let (r,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(r)
+    }
+}
+
+/// Adds counter deltas (and sets gauges) inside a transaction.
+pub(crate) async fn apply_counters(
+    conn: &mut sqlx::SqliteConnection,
+    delta: &Snapshot,
+) -> Result<(), sqlx::Error> {
+    for (name, value, gauge) in delta {
+        if *value == 0 && !gauge {
+            continue;
+        }
+        let sql = if *gauge {
+            "INSERT INTO counters (name, value) VALUES (?1, ?2) \
+             ON CONFLICT(name) DO UPDATE SET value = ?2"
+        } else {
+            "INSERT INTO counters (name, value) VALUES (?1, ?2) \
+             ON CONFLICT(name) DO UPDATE SET value = value + ?2"
+        };
+        sqlx::query(sql)
+            .bind(*name)
+            .bind(*value as i64)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
