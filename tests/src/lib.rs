@@ -1,1 +1,379 @@
-//! placeholder
+//! Helpers for end-to-end tests and benchmarks: build and locate the real `gateway` and
+//! `device-sim` binaries, run them on loopback with a temporary database, and read back what
+//! they stored and reported. Waiting is always on a condition with a deadline.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Serialises tests that put load on the machine, so they do not starve each other.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The directory of the running executable's profile (`target/debug` or `target/release`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, built once per test process with the same profile.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = profile_dir();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "gateway",
+            "-p",
+            "device-sim",
+            "--bins",
+        ]);
+        if dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    dir.join(name)
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+///
+/// # Errors
+/// When the deadline passes first; `what` says what was awaited.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = std::time::SystemTime::now() + timeout;
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        if std::time::SystemTime::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        poll_pause();
+    }
+}
+
+/// The pause between two checks of a deadline-bounded condition; the only place tests pause.
+#[allow(clippy::disallowed_methods)]
+fn poll_pause() {
+    std::thread::sleep(Duration::from_millis(20));
+}
+
+/// Runs a gateway verb to completion and returns its stdout.
+///
+/// # Errors
+/// When it exits non-zero (stderr included in the error).
+pub fn gateway(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin("gateway"))
+        .args(args)
+        .output()
+        .context("running gateway")?;
+    if !out.status.success() {
+        bail!(
+            "gateway {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A `gateway serve` process on a loopback port of its own.
+pub struct TestGateway {
+    /// The process.
+    pub child: Child,
+    /// Where it receives telemetry.
+    pub udp: SocketAddr,
+    /// Its database.
+    pub db: PathBuf,
+}
+
+impl TestGateway {
+    /// Starts `gateway serve --udp 127.0.0.1:0 --db DB` plus `extra` and waits until it listens.
+    ///
+    /// # Errors
+    /// When it fails to start or does not announce its address within 30 s.
+    pub fn start(db: &Path, extra: &[&str]) -> anyhow::Result<TestGateway> {
+        let log = db.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut child = Command::new(bin("gateway"))
+            .args(["serve", "--udp", "127.0.0.1:0", "--db"])
+            .arg(db)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("spawning gateway")?;
+        let stdout = child.stdout.take().context("gateway stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("gateway did not announce its address")?;
+        let addr = line
+            .rsplit("udp://")
+            .next()
+            .context("address line")?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing address from {line:?}"))?;
+        Ok(TestGateway {
+            child,
+            udp: addr,
+            db: db.to_owned(),
+        })
+    }
+
+    /// Sends a signal by name (TERM, KILL, INT).
+    ///
+    /// # Errors
+    /// When `kill` fails.
+    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        signal(self.child.id(), sig)
+    }
+
+    /// Waits for the process to exit, at most `timeout`; returns its exit status.
+    ///
+    /// # Errors
+    /// When it is still running at the deadline.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, "gateway exit", || {
+            status = self.child.try_wait()?;
+            Ok(status.is_some())
+        })?;
+        status.context("exit status")
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    ///
+    /// # Errors
+    /// When it does not exit cleanly within 10 s.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.signal("TERM")?;
+        let status = self.wait_exit(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!("gateway exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends signal `sig` (TERM, KILL, INT) to `pid` with the `kill` command.
+///
+/// # Errors
+/// When `kill` fails.
+pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+/// Provisions `count` devices into `db` and returns the fleet file path.
+///
+/// # Errors
+/// When provisioning fails.
+pub fn provision(dir: &Path, db: &Path, count: u32) -> anyhow::Result<PathBuf> {
+    let fleet = dir.join("fleet.json");
+    gateway(&[
+        "devices",
+        "provision",
+        "--count",
+        &count.to_string(),
+        "--out",
+        fleet.to_str().context("path")?,
+        "--db",
+        db.to_str().context("path")?,
+    ])?;
+    Ok(fleet)
+}
+
+/// A `device-sim` command with `--gateway` and `--fleet` set.
+pub fn sim(gateway: SocketAddr, fleet: &Path) -> Command {
+    let mut cmd = Command::new(bin("device-sim"));
+    cmd.arg("--gateway")
+        .arg(gateway.to_string())
+        .arg("--fleet")
+        .arg(fleet);
+    cmd
+}
+
+/// Runs a simulator command to completion.
+///
+/// # Errors
+/// When it exits non-zero.
+pub fn run_sim(mut cmd: Command) -> anyhow::Result<()> {
+    let out = cmd.output().context("running device-sim")?;
+    if !out.status.success() {
+        bail!(
+            "device-sim failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Key of a reading: (device, seq, idx).
+pub type Key = (u32, u64, u32);
+/// What is stored or sent for a reading: (sensor, ts_ms, value as text).
+pub type Val = (u16, i64, String);
+
+/// A reading as the simulator logged it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    /// Sensor, time, value.
+    pub val: Val,
+    /// Whether its datagram was acknowledged.
+    pub acked: bool,
+}
+
+fn field<'a>(it: &mut impl Iterator<Item = &'a str>, line: &str) -> anyhow::Result<&'a str> {
+    it.next().with_context(|| format!("short line {line:?}"))
+}
+
+/// Normalises a value to the form both sides print (shortest round-trip f64, NaN as NaN).
+fn norm(v: &str) -> anyhow::Result<String> {
+    if v == "NaN" {
+        return Ok(v.into());
+    }
+    Ok(v.parse::<f64>()
+        .with_context(|| format!("value {v:?}"))?
+        .to_string())
+}
+
+/// Parses the simulator's `--readings-log` CSV.
+///
+/// # Errors
+/// On a malformed file.
+pub fn read_sent(path: &Path) -> anyhow::Result<BTreeMap<Key, Sent>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let mut it = line.split(',');
+        let device = field(&mut it, line)?.parse()?;
+        let seq = field(&mut it, line)?.parse()?;
+        let idx = field(&mut it, line)?.parse()?;
+        let sensor = field(&mut it, line)?.parse()?;
+        let ts = field(&mut it, line)?.parse()?;
+        let value = norm(field(&mut it, line)?)?;
+        let acked = field(&mut it, line)? == "true";
+        out.insert(
+            (device, seq, idx),
+            Sent {
+                val: (sensor, ts, value),
+                acked,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Every stored reading, through `gateway query readings --format csv`. Fails on a duplicate key.
+///
+/// # Errors
+/// When the query fails, the output is malformed, or a key appears twice.
+pub fn query_all(db: &Path) -> anyhow::Result<BTreeMap<Key, Val>> {
+    let csv = gateway(&[
+        "query",
+        "readings",
+        "--format",
+        "csv",
+        "--db",
+        db.to_str().context("path")?,
+    ])?;
+    let mut out = BTreeMap::new();
+    let mut lines = csv.lines();
+    let header = lines.next().context("csv header")?;
+    if header != "device,sensor,time,ts_ms,value,seq,idx" {
+        bail!("unexpected csv header {header:?}");
+    }
+    for line in lines {
+        let mut it = line.split(',');
+        let device = field(&mut it, line)?.parse()?;
+        let sensor = field(&mut it, line)?.parse()?;
+        let _time = field(&mut it, line)?;
+        let ts = field(&mut it, line)?.parse()?;
+        let value = norm(field(&mut it, line)?)?;
+        let seq = field(&mut it, line)?.parse()?;
+        let idx = field(&mut it, line)?.parse()?;
+        if out
+            .insert((device, seq, idx), (sensor, ts, value))
+            .is_some()
+        {
+            bail!("duplicate stored reading {device}/{seq}/{idx}");
+        }
+    }
+    Ok(out)
+}
+
+/// `gateway stats --format json` as JSON.
+///
+/// # Errors
+/// When the verb fails or prints something else.
+pub fn stats(db: &Path) -> anyhow::Result<serde_json::Value> {
+    let out = gateway(&[
+        "stats",
+        "--format",
+        "json",
+        "--db",
+        db.to_str().context("path")?,
+    ])?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// A counter from `stats` output (0 when absent).
+pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
+    stats["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// The simulator's JSON report.
+///
+/// # Errors
+/// When it cannot be read or parsed.
+pub fn read_report(path: &Path) -> anyhow::Result<device_sim::Report> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
