@@ -84,6 +84,7 @@ impl Gateway {
             durability: cfg.store.durability,
             cache_kib: cfg.store.cache_kib,
             create: true,
+            background_checkpoint: true,
         })
         .await?;
         let devices = store.device_states().await?;
@@ -114,6 +115,7 @@ impl Gateway {
             WriterConfig {
                 batch_readings: cfg.store.batch_readings.get(),
                 stats_interval: cfg.service.stats_interval,
+                commit_delay: cfg.store.commit_delay,
             },
         );
         tracing::info!(
@@ -133,6 +135,7 @@ impl Gateway {
             tracker.clone(),
         );
         tracker.spawn(listener.run(cancel.clone()));
+        tracker.spawn(store::checkpoint::run(store.pool().clone(), cancel.clone()));
         tracker.spawn(async move {
             if let Err(error) = writer.run().await {
                 tracing::error!(%error, "writer failed to start");

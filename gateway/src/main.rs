@@ -6,6 +6,21 @@ use clap::Parser;
 use gateway::cli::{Cli, Command, ConfigCommand, LogFormat};
 
 fn main() -> anyhow::Result<()> {
+    match run() {
+        // `gateway query ... | head` closes stdout early: that is not a failure.
+        Err(e) if is_broken_pipe(&e) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let serving = matches!(cli.command, None | Some(Command::Serve(_)));
     init_tracing(cli.log_format, if serving { "info" } else { "warn" });

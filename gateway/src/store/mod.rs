@@ -5,6 +5,7 @@
 //! transaction that readers and CLI verbs may run while the gateway is serving (WAL mode lets
 //! them proceed without blocking the writer).
 
+pub mod checkpoint;
 pub mod query;
 pub mod writer;
 
@@ -62,6 +63,8 @@ pub struct OpenOptions {
     pub cache_kib: u32,
     /// Create the file when missing (serve, provisioning) or fail (query, stats).
     pub create: bool,
+    /// Commits never checkpoint; the caller runs [`checkpoint::run`] instead (serve).
+    pub background_checkpoint: bool,
 }
 
 impl OpenOptions {
@@ -72,6 +75,7 @@ impl OpenOptions {
             durability: Durability::Normal,
             cache_kib: 2048,
             create,
+            background_checkpoint: false,
         }
     }
 }
@@ -142,6 +146,21 @@ impl Store {
             })
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", format!("-{}", opts.cache_kib))
+            // After a WAL reset, trim the file back to 64 MiB so a burst does not leave it large.
+            .pragma("journal_size_limit", "67108864")
+            .pragma(
+                "page_size",
+                std::env::var("PAGE_SIZE").unwrap_or("4096".into()),
+            )
+            // Checkpoints run in their own task (see `checkpoint`), never inside a commit.
+            .pragma(
+                "wal_autocheckpoint",
+                if opts.background_checkpoint {
+                    "0"
+                } else {
+                    "1000"
+                },
+            )
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)

@@ -83,6 +83,8 @@ pub struct WriterConfig {
     pub batch_readings: usize,
     /// How often counters are persisted.
     pub stats_interval: Duration,
+    /// How long the writer gathers datagrams before committing a batch that is not full.
+    pub commit_delay: Duration,
 }
 
 /// The writer task's state.
@@ -121,6 +123,47 @@ struct Plan {
     acks: Vec<(SocketAddr, [u8; ACK_LEN])>,
     received: Vec<Instant>,
     datagrams: u64,
+}
+
+/// Largest multi-device UPDATE, in devices (8 parameters each).
+const MAX_DEVICES_PER_STATEMENT: usize = 128;
+
+/// One device's row of the batched UPDATE. NULL max_seq/window/seen leave the stored values.
+struct DeviceUpdate {
+    id: i64,
+    max_seq: Option<i64>,
+    window: Option<[u8; 16]>,
+    first_seq: Option<i64>,
+    datagrams: i64,
+    readings: i64,
+    rejected: i64,
+    seen: Option<i64>,
+}
+
+fn update_sql(devices: usize) -> SqlStr {
+    static SQL: OnceLock<Vec<SqlStr>> = OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=MAX_DEVICES_PER_STATEMENT.trailing_zeros())
+            .map(|p| {
+                let values = vec!["(?,?,?,?,?,?,?,?)"; 1 << p].join(",");
+                sqlx::AssertSqlSafe(format!(
+                    "WITH v(id, max_seq, window, first_seq, datagrams, readings, rejected, seen) \
+                     AS (VALUES {values}) \
+                     UPDATE devices SET \
+                       max_seq = coalesce(v.max_seq, devices.max_seq), \
+                       window = coalesce(v.window, devices.window), \
+                       first_seq = coalesce(devices.first_seq, v.first_seq), \
+                       datagrams = devices.datagrams + v.datagrams, \
+                       readings = devices.readings + v.readings, \
+                       rejected = devices.rejected + v.rejected, \
+                       last_seen_ms = coalesce(v.seen, devices.last_seen_ms) \
+                     FROM v WHERE devices.id = v.id"
+                ))
+                .into_sql_str()
+            })
+            .collect()
+    });
+    all[devices.trailing_zeros() as usize].clone()
 }
 
 fn insert_sql(rows: usize) -> SqlStr {
@@ -187,14 +230,25 @@ impl Writer {
             };
             let mut readings = first.readings();
             let mut batch = vec![first];
+            // Group commit: gather what arrives within `commit_delay` of the first item, so a
+            // transaction carries many datagrams instead of a few (fewer page writes per
+            // reading), without ever holding a full batch back.
+            let deadline = Instant::now() + self.cfg.commit_delay;
             while readings < self.cfg.batch_readings {
-                match self.rx.try_recv() {
-                    Ok(item) => {
-                        readings += item.readings();
-                        batch.push(item);
+                let item = match self.rx.try_recv() {
+                    Ok(item) => item,
+                    Err(_) => {
+                        tokio::select! {
+                            item = self.rx.recv() => match item {
+                                Some(item) => item,
+                                None => break,
+                            },
+                            _ = tokio::time::sleep_until(deadline) => break,
+                        }
                     }
-                    Err(_) => break,
-                }
+                };
+                readings += item.readings();
+                batch.push(item);
             }
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
             self.commit(&mut conn, batch, flush).await;
@@ -339,36 +393,47 @@ impl Writer {
             rest = tail;
         }
         let seen = now_ms();
+        // One statement per chunk of devices rather than one per device: the per-statement
+        // round trip to SQLite's thread dominated the commit with a thousand devices.
+        let mut updates: Vec<DeviceUpdate> = Vec::with_capacity(plan.devices.len());
         for (id, d) in &plan.devices {
-            match d.window {
+            let (max, bits) = match d.window {
                 Some(w) => {
                     let (max, bits) = w.parts();
-                    sqlx::query(
-                        "UPDATE devices SET max_seq = ?, window = ?, \
-                         first_seq = coalesce(first_seq, ?), datagrams = datagrams + ?, \
-                         readings = readings + ?, rejected = rejected + ?, last_seen_ms = ? \
-                         WHERE id = ?",
-                    )
-                    .bind(max.map(|m| m as i64))
-                    .bind(&bits.to_le_bytes()[..])
-                    .bind(d.first_seq.map(|s| s as i64))
-                    .bind(d.datagrams)
-                    .bind(d.readings)
-                    .bind(d.rejected)
-                    .bind(seen)
-                    .bind(i64::from(id.0))
-                    .execute(&mut *tx)
-                    .await?;
+                    (max.map(|m| m as i64), Some(bits.to_le_bytes()))
                 }
-                None if d.rejected > 0 => {
-                    sqlx::query("UPDATE devices SET rejected = rejected + ? WHERE id = ?")
-                        .bind(d.rejected)
-                        .bind(i64::from(id.0))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                None => {}
+                None => (None, None),
+            };
+            updates.push(DeviceUpdate {
+                id: i64::from(id.0),
+                max_seq: max,
+                window: bits,
+                first_seq: d.first_seq.map(|s| s as i64),
+                datagrams: d.datagrams,
+                readings: d.readings,
+                rejected: d.rejected,
+                seen: d.window.map(|_| seen),
+            });
+        }
+        let mut rest = &updates[..];
+        while !rest.is_empty() {
+            let n =
+                MAX_DEVICES_PER_STATEMENT.min(1 << (usize::BITS - 1 - rest.len().leading_zeros()));
+            let (chunk, tail) = rest.split_at(n);
+            let mut q = sqlx::query(update_sql(n));
+            for u in chunk {
+                q = q
+                    .bind(u.id)
+                    .bind(u.max_seq)
+                    .bind(u.window.as_ref().map(|w| &w[..]))
+                    .bind(u.first_seq)
+                    .bind(u.datagrams)
+                    .bind(u.readings)
+                    .bind(u.rejected)
+                    .bind(u.seen);
             }
+            q.execute(&mut *tx).await?;
+            rest = tail;
         }
         if let Some(now) = counters {
             let delta: Snapshot = now
