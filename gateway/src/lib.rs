@@ -106,6 +106,7 @@ impl Gateway {
         let (tx, rx) = mpsc::channel(cfg.telemetry.queue.get());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let wal_reset_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = Writer::new(
             store.pool().clone(),
             rx,
@@ -116,6 +117,7 @@ impl Gateway {
                 batch_readings: cfg.store.batch_readings.get(),
                 stats_interval: cfg.service.stats_interval,
                 commit_delay: cfg.store.commit_delay,
+                wal_reset_wanted: wal_reset_wanted.clone(),
             },
         );
         tracing::info!(
@@ -135,7 +137,11 @@ impl Gateway {
             tracker.clone(),
         );
         tracker.spawn(listener.run(cancel.clone()));
-        tracker.spawn(store::checkpoint::run(store.pool().clone(), cancel.clone()));
+        tracker.spawn(store::checkpoint::run(
+            store.pool().clone(),
+            wal_reset_wanted,
+            cancel.clone(),
+        ));
         tracker.spawn(async move {
             if let Err(error) = writer.run().await {
                 tracing::error!(%error, "writer failed to start");

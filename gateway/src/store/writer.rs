@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -85,6 +85,8 @@ pub struct WriterConfig {
     pub stats_interval: Duration,
     /// How long the writer gathers datagrams before committing a batch that is not full.
     pub commit_delay: Duration,
+    /// Set by the checkpoint task when the WAL should be reset (see `checkpoint`).
+    pub wal_reset_wanted: Arc<AtomicBool>,
 }
 
 /// The writer task's state.
@@ -237,6 +239,9 @@ impl Writer {
             while readings < self.cfg.batch_readings {
                 let item = match self.rx.try_recv() {
                     Ok(item) => item,
+                    // No gathering delay: commit what is queued now (a zero-length sleep would
+                    // still wait for the next timer tick).
+                    Err(_) if self.cfg.commit_delay.is_zero() => break,
                     Err(_) => {
                         tokio::select! {
                             item = self.rx.recv() => match item {
@@ -299,6 +304,16 @@ impl Writer {
             }
         }
         self.counters.transactions.fetch_add(1, Relaxed);
+        if self.cfg.wal_reset_wanted.swap(false, Relaxed) {
+            // Between transactions, on our own connection: copies what the passive checkpoints
+            // have not yet and starts the WAL over. A failure only means it stays large a while.
+            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+                .execute(&mut **conn)
+                .await
+            {
+                tracing::warn!(%error, "WAL reset failed");
+            }
+        }
         self.counters
             .datagrams_committed
             .fetch_add(plan.datagrams, Relaxed);
