@@ -26,7 +26,9 @@ pub mod telemetry;
 pub use ack::Ack;
 pub use error::{DecodeError, EncodeError};
 pub use key::{Cipher, DeviceKey, KeyParseError};
-pub use telemetry::{Batch, DeviceId, Flags, Header, Millis, Reading, Sealed, SensorId, Seq};
+pub use telemetry::{
+    Batch, DeviceId, Flags, Header, Millis, Reading, Sealed, SensorId, Seq, seal_payload,
+};
 
 /// The protocol version this crate speaks, first byte of every datagram.
 pub const VERSION: u8 = 1;

@@ -160,6 +160,24 @@ pub(crate) fn nonce(device: DeviceId, seq: Seq, to_device: bool) -> Nonce {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed(pub Vec<u8>);
 
+/// Seals arbitrary payload bytes as a telemetry datagram. Real devices use [`Batch::seal`];
+/// this exists for tests and fuzzers that need authentic datagrams with invalid payloads.
+pub fn seal_payload(header: &Header, payload: &[u8], cipher: &Cipher) -> Vec<u8> {
+    let head = header.to_bytes();
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TAG_LEN);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(payload);
+    // ChaCha20-Poly1305 accepts any length a datagram can have.
+    if let Ok(tag) = cipher.0.encrypt_inout_detached(
+        &nonce(header.device, header.seq, false),
+        &head,
+        (&mut out[HEADER_LEN..]).into(),
+    ) {
+        out.extend_from_slice(tag.as_slice());
+    }
+    out
+}
+
 impl Batch {
     /// Seals the batch into a datagram for `header`, with the device's key.
     ///

@@ -237,3 +237,37 @@ fn print_golden_vectors() {
     .seal(&cipher);
     println!("golden ack: {}", hex::encode(ack));
 }
+
+#[test]
+fn authentic_but_malformed_payloads_are_bad_payload() {
+    let cipher = key().cipher();
+    let (header, _) = golden_batch();
+    for payload in [
+        &b"\xff\xff\xff"[..],
+        &b"\x01\x01"[..],
+        &b"\x00\x00"[..],
+        &[51u8][..],
+    ] {
+        let mut d = seal_payload(&header, payload, &cipher);
+        assert_eq!(
+            Batch::open(&mut d, &cipher),
+            Err(DecodeError::BadPayload),
+            "{payload:?}"
+        );
+    }
+    // 51 readings encode fine with postcard but exceed the limit.
+    let r = Reading {
+        sensor: SensorId(1),
+        ts: Millis(1),
+        value: 0.5,
+    };
+    let payload = postcard::to_allocvec(&Batch {
+        readings: vec![r; MAX_READINGS + 1],
+    })
+    .unwrap();
+    let mut d = seal_payload(&header, &payload, &cipher);
+    assert!(matches!(
+        Batch::open(&mut d, &cipher),
+        Err(DecodeError::TooManyReadings { count: 51, .. })
+    ));
+}

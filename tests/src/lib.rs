@@ -11,6 +11,8 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use proto::{Ack, Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
+use std::net::UdpSocket;
 
 /// Serialises tests that put load on the machine, so they do not starve each other.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -376,4 +378,75 @@ pub fn counter(stats: &serde_json::Value, name: &str) -> u64 {
 /// When it cannot be read or parsed.
 pub fn read_report(path: &Path) -> anyhow::Result<device_sim::Report> {
     Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+/// A client speaking the protocol directly, for replay and forgery tests.
+pub struct RawDevice {
+    /// Device id.
+    pub id: DeviceId,
+    /// Its key.
+    pub key: DeviceKey,
+    /// A socket connected to the gateway.
+    pub socket: UdpSocket,
+}
+
+impl RawDevice {
+    /// Device `index` of the fleet file, talking to `gw`.
+    ///
+    /// # Errors
+    /// Unreadable fleet or socket errors.
+    pub fn new(
+        fleet: &std::path::Path,
+        index: usize,
+        gw: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let fleet = device_sim::fleet::FleetFile::load(fleet)?;
+        let d = &fleet.devices[index];
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(gw)?;
+        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self {
+            id: d.device_id(),
+            key: d.device_key()?,
+            socket,
+        })
+    }
+
+    /// A sealed datagram with `readings` readings, ack requested; values derive from `seq`.
+    pub fn datagram(&self, seq: u64, readings: usize) -> Vec<u8> {
+        let batch = Batch {
+            readings: (0..readings)
+                .map(|i| Reading {
+                    sensor: SensorId(1),
+                    ts: Millis(1_764_000_000_000 + seq * 100 + i as u64),
+                    value: seq as f64 + i as f64 / 10.0,
+                })
+                .collect(),
+        };
+        let header = Header {
+            flags: Flags(Flags::ACK_REQUESTED),
+            device: self.id,
+            seq: Seq(seq),
+        };
+        batch
+            .seal(&header, &self.key.cipher())
+            .expect("in limits")
+            .0
+    }
+
+    /// Sends and waits for the ack of exactly this sequence number.
+    /// # Errors
+    /// No ack within the socket timeout.
+    pub fn send_acked(&self, datagram: &[u8], seq: u64) -> anyhow::Result<()> {
+        self.socket.send(datagram)?;
+        let cipher = self.key.cipher();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = self.socket.recv(&mut buf).context("waiting for ack")?;
+            let ack = Ack::open(&buf[..n], &cipher)?;
+            if ack.seq.0 == seq {
+                return Ok(());
+            }
+        }
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use e2e::*;
-use proto::{Ack, Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
+use proto::{Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
 
 fn path(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 path")
@@ -162,67 +162,6 @@ fn faults_are_survived_and_accounted() -> anyhow::Result<()> {
         "every received datagram is accepted or counted as a drop"
     );
     Ok(())
-}
-
-/// A client speaking the protocol directly, for replay and forgery tests.
-struct RawDevice {
-    id: DeviceId,
-    key: DeviceKey,
-    socket: UdpSocket,
-}
-
-impl RawDevice {
-    fn new(
-        fleet: &std::path::Path,
-        index: usize,
-        gw: std::net::SocketAddr,
-    ) -> anyhow::Result<Self> {
-        let fleet = device_sim::fleet::FleetFile::load(fleet)?;
-        let d = &fleet.devices[index];
-        let socket = UdpSocket::bind("127.0.0.1:0")?;
-        socket.connect(gw)?;
-        socket.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Self {
-            id: d.device_id(),
-            key: d.device_key()?,
-            socket,
-        })
-    }
-
-    fn datagram(&self, seq: u64, readings: usize) -> Vec<u8> {
-        let batch = Batch {
-            readings: (0..readings)
-                .map(|i| Reading {
-                    sensor: SensorId(1),
-                    ts: Millis(1_764_000_000_000 + seq * 100 + i as u64),
-                    value: seq as f64 + i as f64 / 10.0,
-                })
-                .collect(),
-        };
-        let header = Header {
-            flags: Flags(Flags::ACK_REQUESTED),
-            device: self.id,
-            seq: Seq(seq),
-        };
-        batch
-            .seal(&header, &self.key.cipher())
-            .expect("in limits")
-            .0
-    }
-
-    /// Sends and waits for the ack of exactly this sequence number.
-    fn send_acked(&self, datagram: &[u8], seq: u64) -> anyhow::Result<()> {
-        self.socket.send(datagram)?;
-        let cipher = self.key.cipher();
-        let mut buf = [0u8; 64];
-        loop {
-            let n = self.socket.recv(&mut buf).context("waiting for ack")?;
-            let ack = Ack::open(&buf[..n], &cipher)?;
-            if ack.seq.0 == seq {
-                return Ok(());
-            }
-        }
-    }
 }
 
 /// Datagrams stored before a restart are all rejected when replayed after it.
