@@ -86,6 +86,18 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let fleet = FleetFile::load(&args.fleet)?;
+    // One socket per simulated device: raise the open-file limit as far as allowed.
+    let devices = args
+        .devices
+        .unwrap_or(fleet.devices.len())
+        .min(fleet.devices.len()) as u64;
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if limit != 0 && limit < devices + 32 {
+        anyhow::bail!(
+            "{devices} devices need about {} open files but the limit is {limit} (ulimit -n)",
+            devices + 32
+        );
+    }
     let cfg = SimConfig {
         gateway: args.gateway,
         devices: args.devices,

@@ -107,8 +107,9 @@ impl Gateway {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let wal_reset_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conn = store.pool().acquire().await.map_err(StoreError::from)?;
         let writer = Writer::new(
-            store.pool().clone(),
+            conn,
             rx,
             socket.clone(),
             counters.clone(),
@@ -142,11 +143,7 @@ impl Gateway {
             wal_reset_wanted,
             cancel.clone(),
         ));
-        tracker.spawn(async move {
-            if let Err(error) = writer.run().await {
-                tracing::error!(%error, "writer failed to start");
-            }
-        });
+        tracker.spawn(writer.run());
         Ok(Gateway {
             udp_addr,
             counters,

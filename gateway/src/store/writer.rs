@@ -21,7 +21,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use proto::{ACK_LEN, DeviceId, Reading, Seq};
 use sqlx::pool::PoolConnection;
-use sqlx::{Connection, SqlSafeStr, SqlStr, Sqlite, SqlitePool};
+use sqlx::{Connection, SqlSafeStr, SqlStr, Sqlite};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -91,7 +91,8 @@ pub struct WriterConfig {
 
 /// The writer task's state.
 pub struct Writer {
-    pool: SqlitePool,
+    /// The writer's own connection, held for its whole life: SQLite has one writer.
+    conn: PoolConnection<Sqlite>,
     rx: mpsc::Receiver<Item>,
     socket: Arc<UdpSocket>,
     counters: Arc<Counters>,
@@ -186,9 +187,9 @@ fn insert_sql(rows: usize) -> SqlStr {
 }
 
 impl Writer {
-    /// A writer over `pool`, starting from the committed windows in `devices`.
+    /// A writer on `conn`, starting from the committed windows in `devices`.
     pub fn new(
-        pool: SqlitePool,
+        conn: PoolConnection<Sqlite>,
         rx: mpsc::Receiver<Item>,
         socket: Arc<UdpSocket>,
         counters: Arc<Counters>,
@@ -197,7 +198,7 @@ impl Writer {
     ) -> Self {
         let persisted = counters.snapshot();
         Self {
-            pool,
+            conn,
             rx,
             socket,
             counters,
@@ -210,12 +211,9 @@ impl Writer {
         }
     }
 
-    /// Runs until the input channel closes and everything queued is committed.
-    ///
-    /// # Errors
-    /// Only when no connection can be had at start; commit errors are retried.
-    pub async fn run(mut self) -> Result<(), sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
+    /// Runs until the input channel closes and everything queued is committed. Commit errors
+    /// are logged, counted and retried; they never end the writer.
+    pub async fn run(mut self) {
         let mut tick = tokio::time::interval(self.cfg.stats_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -226,7 +224,7 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    self.commit(&mut conn, Vec::new(), true).await;
+                    self.commit(Vec::new(), true).await;
                     continue;
                 }
             };
@@ -256,18 +254,17 @@ impl Writer {
                 batch.push(item);
             }
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
-            self.commit(&mut conn, batch, flush).await;
+            self.commit(batch, flush).await;
         }
-        self.commit(&mut conn, Vec::new(), true).await;
+        self.commit(Vec::new(), true).await;
         tracing::info!(
             readings = self.counters.readings_committed.load(Relaxed),
             "writer stopped"
         );
-        Ok(())
     }
 
     /// Commits one batch, retrying until it succeeds, then acks.
-    async fn commit(&mut self, conn: &mut PoolConnection<Sqlite>, batch: Vec<Item>, flush: bool) {
+    async fn commit(&mut self, batch: Vec<Item>, flush: bool) {
         let plan = self.plan(batch);
         if plan.rows.is_empty() && plan.devices.is_empty() && !flush {
             self.send_acks(&plan);
@@ -283,7 +280,7 @@ impl Writer {
         };
         let mut delay = Duration::from_millis(50);
         loop {
-            match self.write(conn, &plan, snapshot.as_ref()).await {
+            match self.write(&plan, snapshot.as_ref()).await {
                 Ok(()) => break,
                 Err(error) => {
                     self.counters.commit_errors.fetch_add(1, Relaxed);
@@ -308,7 +305,7 @@ impl Writer {
             // Between transactions, on our own connection: copies what the passive checkpoints
             // have not yet and starts the WAL over. A failure only means it stays large a while.
             if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                .execute(&mut **conn)
+                .execute(&mut *self.conn)
                 .await
             {
                 tracing::warn!(%error, "WAL reset failed");
@@ -382,13 +379,9 @@ impl Writer {
         plan
     }
 
-    async fn write(
-        &self,
-        conn: &mut PoolConnection<Sqlite>,
-        plan: &Plan,
-        counters: Option<&Snapshot>,
-    ) -> Result<(), sqlx::Error> {
-        let mut tx = conn.begin().await?;
+    async fn write(&mut self, plan: &Plan, counters: Option<&Snapshot>) -> Result<(), sqlx::Error> {
+        let persisted = &self.persisted;
+        let mut tx = self.conn.begin().await?;
         let mut rest = &plan.rows[..];
         while !rest.is_empty() {
             // Largest power of two that fits: at most 9 distinct statements, all cached.
@@ -453,7 +446,7 @@ impl Writer {
         if let Some(now) = counters {
             let delta: Snapshot = now
                 .iter()
-                .zip(&self.persisted)
+                .zip(persisted)
                 .map(|((name, v, gauge), (_, old, _))| {
                     (
                         *name,
