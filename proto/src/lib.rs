@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`telemetry`] — the header, readings and batches carried by a datagram, sealing and opening.
+//! - [`control`] — the TCP control protocol: frames, messages, session proof.
 //! - [`ack`] — the ack datagram the gateway sends once a datagram's readings are committed.
 //! - [`key`] — device keys and their text form.
 //! - [`error`] — decode and encode errors.
@@ -19,6 +20,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod ack;
+pub mod control;
 pub mod error;
 pub mod key;
 pub mod telemetry;

@@ -271,3 +271,60 @@ fn authentic_but_malformed_payloads_are_bad_payload() {
         Err(DecodeError::TooManyReadings { count: 51, .. })
     ));
 }
+
+fn control_golden() -> (Vec<u8>, Vec<u8>, Vec<u8>, [u8; 32]) {
+    use proto::control::*;
+    let mut hello = Vec::new();
+    encode_frame(
+        &DeviceMsg::Hello {
+            device: DeviceId(7),
+            client_nonce: [0x11; 16],
+        },
+        MAX_FRAME,
+        &mut hello,
+    )
+    .unwrap();
+    let mut challenge = Vec::new();
+    encode_frame(
+        &GatewayMsg::Challenge {
+            server_nonce: [0x22; 32],
+        },
+        MAX_FRAME,
+        &mut challenge,
+    )
+    .unwrap();
+    let mut command = Vec::new();
+    encode_frame(
+        &GatewayMsg::Command {
+            id: CommandId(5),
+            command: Command::SetInterval { millis: 500 },
+        },
+        MAX_FRAME,
+        &mut command,
+    )
+    .unwrap();
+    let proof = auth_proof(&key(), DeviceId(7), &[0x11; 16], &[0x22; 32], b"");
+    (hello, challenge, command, proof)
+}
+
+#[test]
+fn control_golden_vectors_match_protocol_md() {
+    let (hello, challenge, command, proof) = control_golden();
+    assert_eq!(hex::encode(hello), hex::encode(golden("control-hello")));
+    assert_eq!(
+        hex::encode(challenge),
+        hex::encode(golden("control-challenge"))
+    );
+    assert_eq!(hex::encode(command), hex::encode(golden("control-command")));
+    assert_eq!(hex::encode(proof), hex::encode(golden("control-proof")));
+}
+
+#[test]
+#[ignore]
+fn print_control_golden_vectors() {
+    let (hello, challenge, command, proof) = control_golden();
+    println!("golden control-hello: {}", hex::encode(hello));
+    println!("golden control-challenge: {}", hex::encode(challenge));
+    println!("golden control-command: {}", hex::encode(command));
+    println!("golden control-proof: {}", hex::encode(proof));
+}
