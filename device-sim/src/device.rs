@@ -32,6 +32,8 @@ pub(crate) struct DeviceSpec {
     pub socket: UdpSocket,
     /// The next sequence number, shared with the fleet-file checkpointer.
     pub next_seq: Arc<AtomicU64>,
+    /// First sequence number not yet leased in the fleet file: never used.
+    pub seq_limit: Arc<AtomicU64>,
 }
 
 /// Timing and behaviour shared by every device of a run.
@@ -154,6 +156,12 @@ impl Device {
     }
 
     async fn send_next(&mut self) {
+        if self.seq >= self.spec.seq_limit.load(Relaxed) || self.seq >= proto::SEQ_LIMIT {
+            // The lease could not be renewed (or the counter is exhausted): skip rather than
+            // risk reusing a sequence number after a crash.
+            self.report.lease_waits += 1;
+            return;
+        }
         let seq = self.seq;
         self.seq += 1;
         self.spec.next_seq.store(self.seq, Relaxed);

@@ -203,12 +203,27 @@ pub async fn run(
         .iter()
         .map(|d| Arc::new(AtomicU64::new(d.next_seq)))
         .collect();
+    // A device never uses a sequence number at or past its limit: the limit only moves once a
+    // fleet file recording it is safely on disk.
+    let limits: Vec<Arc<AtomicU64>> = counters
+        .iter()
+        .map(|_| {
+            Arc::new(AtomicU64::new(if cfg.fleet_path.is_some() {
+                0
+            } else {
+                u64::MAX
+            }))
+        })
+        .collect();
     let save_leased = |fleet: &mut FleetFile| -> Result<(), FleetError> {
         if let Some(path) = &cfg.fleet_path {
             for (d, c) in fleet.devices.iter_mut().zip(&counters) {
                 d.next_seq = c.load(Relaxed) + lease;
             }
             fleet.save(path)?;
+            for (d, l) in fleet.devices.iter().zip(&limits) {
+                l.store(d.next_seq, Relaxed);
+            }
         }
         Ok(())
     };
@@ -222,7 +237,7 @@ pub async fn run(
     let start = Instant::now();
     let until = cfg.duration.map(|d| start + d);
     let mut set = JoinSet::new();
-    for (d, next_seq) in fleet.devices[..count].iter().zip(&counters) {
+    for ((d, next_seq), limit) in fleet.devices[..count].iter().zip(&counters).zip(&limits) {
         let socket = UdpSocket::bind(bind).await?;
         socket.connect(cfg.gateway).await?;
         let spec = DeviceSpec {
@@ -232,6 +247,7 @@ pub async fn run(
             seed: cfg.seed,
             socket,
             next_seq: next_seq.clone(),
+            seq_limit: limit.clone(),
         };
         let device = Device::new(spec, behaviour.clone());
         set.spawn(device.run(until, cancel.clone()));

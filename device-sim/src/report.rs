@@ -53,6 +53,9 @@ pub struct DeviceReport {
     pub unacked: u64,
     /// Socket send errors (e.g. the gateway is not listening).
     pub send_errors: u64,
+    /// Datagrams skipped because the sequence lease in the fleet file could not be renewed.
+    #[serde(default)]
+    pub lease_waits: u64,
     /// Faults injected.
     pub faults: FaultCounts,
 }

@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// UDP listen address for telemetry [default: 0.0.0.0:4780].
     #[arg(long, env = "GATEWAY_UDP")]
     pub udp: Option<SocketAddr>,
+    /// TCP listen address for control sessions [default: 0.0.0.0:4781].
+    #[arg(long, env = "GATEWAY_CONTROL")]
+    pub control: Option<SocketAddr>,
     /// Commit durability [default: normal].
     #[arg(long, env = "GATEWAY_DURABILITY")]
     pub durability: Option<Durability>,
@@ -99,6 +102,9 @@ impl ServeArgs {
         }
         if let Some(udp) = self.udp {
             cfg.telemetry.listen = udp;
+        }
+        if let Some(c) = self.control {
+            cfg.control.listen = c;
         }
         if let Some(d) = self.durability {
             cfg.store.durability = d;
@@ -264,9 +270,12 @@ fn ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 UTC with milliseconds.
+/// RFC 3339 UTC with milliseconds; the raw number for times RFC 3339 cannot show.
 pub fn format_ms(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    if !(0..=crate::ingest::MAX_TS_MS as i64).contains(&ms) {
+        return ms.to_string();
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 

@@ -26,9 +26,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let fleet = match reusable_fleet(&store, &args).await {
         Some(f) => {
             println!(
-                "using {} devices from {}",
+                "using {} devices from {}{}",
                 f.devices.len(),
-                args.fleet.display()
+                args.fleet.display(),
+                if f.devices.len() as u32 != args.devices {
+                    " (delete it to provision a different number)"
+                } else {
+                    ""
+                }
             );
             f
         }
@@ -48,6 +53,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut cfg = Config::default();
     cfg.store.path = db.clone();
     cfg.telemetry.listen = "127.0.0.1:0".parse().context("loopback address")?;
+    cfg.control.listen = "127.0.0.1:0".parse().context("loopback address")?;
     let gateway = Gateway::start(&cfg).await?;
     println!(
         "gateway listening on udp://{}, database {}",

@@ -120,7 +120,7 @@ pub mod names {
 /// Live counters of one gateway run, shared by ingest, writer and whoever reports them.
 #[derive(Debug, Default)]
 pub struct Counters {
-    drops: [AtomicU64; 10],
+    drops: [AtomicU64; DropReason::ALL.len()],
     /// See [`names::DATAGRAMS_RECEIVED`].
     pub datagrams_received: AtomicU64,
     /// See [`names::DATAGRAMS_ACCEPTED`].
@@ -206,7 +206,7 @@ impl Counters {
 pub struct DropLog {
     every: Duration,
     last: Instant,
-    seen: [u64; 10],
+    seen: [u64; DropReason::ALL.len()],
 }
 
 impl DropLog {
@@ -215,7 +215,7 @@ impl DropLog {
         Self {
             every,
             last: now,
-            seen: [0; 10],
+            seen: [0; DropReason::ALL.len()],
         }
     }
 

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`config`] — the typed settings tree and its validation.
+//! - [`control`] — TCP control sessions: TLS, authentication, heartbeats, presence.
 //! - [`ingest`] — the UDP listener: size, header, device, tag, payload and replay checks.
 //! - [`replay`] — the per-device sliding replay window (pure).
 //! - [`store`] — SQLite: schema, devices and keys, the batched [`store::writer`], queries.
@@ -14,12 +15,14 @@
 //! - [`signal`] — SIGINT/SIGTERM.
 //!
 //! # Shutdown
-//! Only the source (ingest) watches the cancellation token. When it stops it drops the queue's
+//! The sources (ingest and the control listener with its sessions) and the checkpoint helper
+//! watch the cancellation token. When it stops it drops the queue's
 //! sender; the writer then commits everything queued, sends the owed acks, persists the
 //! counters and exits. [`Gateway::stop`] waits for that, bounded by the grace period.
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod events;
 pub mod ingest;
@@ -49,6 +52,9 @@ pub enum StartupError {
     /// The database could not be opened or migrated.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// TLS could not be set up for the control listener.
+    #[error("control TLS: {0}")]
+    Tls(#[from] control::tls::TlsError),
     /// The UDP socket could not be bound.
     #[error("cannot bind UDP {addr}: {source}")]
     Bind {
@@ -63,6 +69,14 @@ pub enum StartupError {
 pub struct Gateway {
     /// Where the telemetry socket is bound (useful with port 0).
     pub udp_addr: SocketAddr,
+    /// Where the control listener is bound.
+    pub control_addr: SocketAddr,
+    /// Whether control sessions use TLS.
+    pub control_tls: bool,
+    /// Live control sessions.
+    pub sessions: control::Registry,
+    /// Control server counters.
+    pub control_counters: Arc<control::ControlCounters>,
     /// Live counters.
     pub counters: Arc<Counters>,
     /// The store, for queries while running.
@@ -103,6 +117,25 @@ impl Gateway {
         }
         let socket = Arc::new(socket);
         let counters = Arc::new(Counters::default());
+        let control_tls = if cfg.control.tls {
+            Some(control_tls_config(cfg)?)
+        } else {
+            tracing::warn!("control sessions use plain TCP (control.tls = false)");
+            None
+        };
+        let caddr = cfg.control.listen;
+        let control_listener = control::bind(caddr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: caddr,
+                source,
+            })?;
+        let control_addr = control_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: caddr,
+                source,
+            })?;
         let (tx, rx) = mpsc::channel(cfg.telemetry.queue.get());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -123,6 +156,7 @@ impl Gateway {
         );
         tracing::info!(
             udp = %udp_addr,
+            control = %cfg.control.listen,
             db = %cfg.store.path.display(),
             devices = devices.len(),
             durability = ?cfg.store.durability,
@@ -138,6 +172,20 @@ impl Gateway {
             tracker.clone(),
         );
         tracker.spawn(listener.run(cancel.clone()));
+        let (presence_tx, presence_rx) = mpsc::channel(4096);
+        tracker.spawn(control::presence::run(store.pool().clone(), presence_rx));
+        let sessions = control::Registry::default();
+        let control_counters = Arc::new(control::ControlCounters::default());
+        let server = control::ControlServer::new(
+            control_listener,
+            control_tls.clone(),
+            cfg.control.clone(),
+            store.clone(),
+            presence_tx,
+            control_counters.clone(),
+            sessions.clone(),
+        );
+        tracker.spawn(server.run(cancel.clone(), tracker.clone()));
         tracker.spawn(store::checkpoint::run(
             store.pool().clone(),
             wal_reset_wanted,
@@ -146,6 +194,10 @@ impl Gateway {
         tracker.spawn(writer.run());
         Ok(Gateway {
             udp_addr,
+            control_addr,
+            control_tls: control_tls.is_some(),
+            sessions,
+            control_counters,
             counters,
             store,
             cancel,
@@ -170,7 +222,39 @@ impl Gateway {
         if !done {
             tracing::warn!(grace = ?self.grace, "shutdown grace period ran out");
         }
-        self.store.close().await;
+        // After a timeout a task may still hold a connection (a writer retrying a failed
+        // commit): closing would wait for it forever, so give up after a moment.
+        let wait = if done {
+            self.grace
+        } else {
+            std::time::Duration::from_millis(500)
+        };
+        let _ = tokio::time::timeout(wait, self.store.close()).await;
         done
     }
+}
+
+/// The control listener's TLS configuration; creates a local CA and server certificate beside
+/// the database when the default files are both missing.
+fn control_tls_config(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, StartupError> {
+    let dir = cfg.certs_dir();
+    let defaults = control::tls::CertFiles::in_dir(&dir);
+    let cert = cfg
+        .control
+        .cert
+        .clone()
+        .unwrap_or(defaults.server_cert.clone());
+    let key = cfg
+        .control
+        .key
+        .clone()
+        .unwrap_or(defaults.server_key.clone());
+    if cfg.control.cert.is_none() && cfg.control.key.is_none() && !cert.exists() && !key.exists() {
+        let files = control::tls::init_certs(&dir, &control::tls::default_hosts())?;
+        tracing::info!(
+            ca = %files.ca_cert.display(),
+            "created a local CA and server certificate for control sessions; give devices the CA"
+        );
+    }
+    Ok(control::tls::server_config(&cert, &key)?)
 }

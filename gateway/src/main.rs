@@ -45,12 +45,26 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let gw = gateway::Gateway::start(&cfg).await?;
     // Tests and scripts read this line to learn the bound address (with port 0).
-    println!("gateway listening on udp://{}", gw.udp_addr);
+    println!(
+        "gateway listening on udp://{} control {}://{}",
+        gw.udp_addr,
+        if gw.control_tls { "tls" } else { "tcp" },
+        gw.control_addr
+    );
     gateway::signal::shutdown()
         .await
         .context("installing signal handlers")?;
-    if !gw.stop().await {
-        anyhow::bail!("shutdown did not finish within the grace period");
+    tokio::select! {
+        done = gw.stop() => {
+            if !done {
+                anyhow::bail!("shutdown did not finish within the grace period");
+            }
+        }
+        // A second signal means: stop now, do not wait for the grace period.
+        _ = gateway::signal::shutdown() => {
+            tracing::warn!("second signal: exiting without waiting");
+            std::process::exit(130);
+        }
     }
     Ok(())
 }

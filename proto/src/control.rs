@@ -215,18 +215,14 @@ pub fn encode_frame<T: Serialize>(
     max: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
-    let start = out.len();
-    out.extend_from_slice(&[0; LEN_PREFIX]);
-    out.push(CONTROL_VERSION);
-    let mut buf = std::mem::take(out);
-    buf = postcard::to_extend(msg, buf).map_err(|_| DecodeError::BadPayload)?;
-    *out = buf;
-    let body = out.len() - start - LEN_PREFIX;
+    let payload = postcard::to_allocvec(msg).map_err(|_| DecodeError::BadPayload)?;
+    let body = payload.len() + 1;
     if body > max.min(MAX_FRAME) {
-        out.truncate(start);
         return Err(DecodeError::TooLong { max });
     }
-    out[start..start + LEN_PREFIX].copy_from_slice(&(body as u32).to_be_bytes());
+    out.extend_from_slice(&(body as u32).to_be_bytes());
+    out.push(CONTROL_VERSION);
+    out.extend_from_slice(&payload);
     Ok(())
 }
 

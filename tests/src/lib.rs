@@ -107,6 +107,8 @@ pub struct TestGateway {
     pub child: Child,
     /// Where it receives telemetry.
     pub udp: SocketAddr,
+    /// Where it accepts control sessions.
+    pub control: SocketAddr,
     /// Its database.
     pub db: PathBuf,
 }
@@ -123,7 +125,14 @@ impl TestGateway {
             .append(true)
             .open(&log)?;
         let mut child = Command::new(bin("gateway"))
-            .args(["serve", "--udp", "127.0.0.1:0", "--db"])
+            .args([
+                "serve",
+                "--udp",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--db",
+            ])
             .arg(db)
             .args(extra)
             .stdout(Stdio::piped())
@@ -143,16 +152,19 @@ impl TestGateway {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .context("gateway did not announce its address")?;
-        let addr = line
-            .rsplit("udp://")
-            .next()
-            .context("address line")?
-            .trim()
-            .parse()
-            .with_context(|| format!("parsing address from {line:?}"))?;
+        let find = |scheme: &str| -> anyhow::Result<SocketAddr> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(scheme))
+                .with_context(|| format!("no {scheme} address in {line:?}"))?
+                .parse()
+                .with_context(|| format!("parsing {scheme} address from {line:?}"))
+        };
+        let udp = find("udp://")?;
+        let control = find("tls://").or_else(|_| find("tcp://"))?;
         Ok(TestGateway {
             child,
-            udp: addr,
+            udp,
+            control,
             db: db.to_owned(),
         })
     }

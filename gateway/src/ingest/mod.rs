@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use proto::{Ack, Batch, Cipher, DecodeError, DeviceId, Header, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,8 @@ use crate::store::{DeviceState, Store};
 const RECV_BURST: usize = 256;
 /// Shortest time between two reloads of the device table caused by unknown device ids.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// Latest device timestamp accepted: 9999-12-31T23:59:59.999Z, the last RFC 3339 can print.
+pub const MAX_TS_MS: u64 = 253_402_300_799_999;
 /// Time between summaries of drops in the log.
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -227,20 +229,22 @@ impl Listener {
                 return false;
             }
         };
-        // Timestamps are stored as signed 64-bit integers.
-        if batch.readings.iter().any(|r| r.ts.0 > i64::MAX as u64) {
+        // Timestamps must be printable as RFC 3339 (years up to 9999).
+        if batch.readings.iter().any(|r| r.ts.0 > MAX_TS_MS) {
             device.rejected += 1;
             self.counters
                 .dropped(DropReason::from(&DecodeError::BadPayload));
             return false;
         }
-        let ack = header.flags.ack_requested().then(|| {
-            Ack {
-                device: header.device,
-                seq: header.seq,
-            }
-            .seal(&device.cipher)
-        });
+        let ack = || {
+            header.flags.ack_requested().then(|| {
+                Ack {
+                    device: header.device,
+                    seq: header.seq,
+                }
+                .seal(&device.cipher)
+            })
+        };
         match device.window.check(header.seq.0) {
             Verdict::TooOld => {
                 device.rejected += 1;
@@ -251,7 +255,7 @@ impl Listener {
                 self.counters.dropped(DropReason::Duplicate);
                 // The original is committed or queued ahead of this: ack after it commits.
                 // If the queue is full the device simply retransmits later.
-                if let Some(ack) = ack {
+                if let Some(ack) = ack() {
                     let _ = self.tx.try_send(Item::Reack { peer, ack });
                 }
             }
@@ -260,7 +264,7 @@ impl Listener {
                     device: header.device,
                     seq: header.seq,
                     peer,
-                    ack,
+                    ack: ack(),
                     readings: batch.readings,
                     received,
                 });
@@ -269,11 +273,9 @@ impl Listener {
                         device.window.mark(header.seq.0);
                         self.counters.datagrams_accepted.fetch_add(1, Relaxed);
                     }
-                    Err(TrySendError::Full(_)) => self.counters.dropped(DropReason::QueueFull),
-                    Err(TrySendError::Closed(_)) => {
-                        // Only during shutdown; the datagram is not acked, the device retries.
-                        self.counters.dropped(DropReason::QueueFull);
-                    }
+                    // Closed happens only during shutdown. Either way the datagram is not acked
+                    // and stays unseen, so the device's retransmission is accepted later.
+                    Err(_) => self.counters.dropped(DropReason::QueueFull),
                 }
             }
         }

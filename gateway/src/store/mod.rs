@@ -148,10 +148,6 @@ impl Store {
             .pragma("cache_size", format!("-{}", opts.cache_kib))
             // After a WAL reset, trim the file back to 64 MiB so a burst does not leave it large.
             .pragma("journal_size_limit", "67108864")
-            .pragma(
-                "page_size",
-                std::env::var("PAGE_SIZE").unwrap_or("4096".into()),
-            )
             // Checkpoints run in their own task (see `checkpoint`), never inside a commit.
             .pragma(
                 "wal_autocheckpoint",
@@ -205,7 +201,9 @@ impl Store {
         count: u32,
         name: Option<&str>,
     ) -> Result<Vec<(DeviceId, DeviceKey)>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE takes the write lock up front (waiting on busy_timeout), so reading max(id)
+        // and inserting cannot race a serving gateway's commits.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let start = match first {
             Some(id) => u64::from(id),
             None => {
@@ -276,7 +274,11 @@ impl Store {
             .into_iter()
             .map(|r| {
                 let lost = match (r.first_seq, r.max_seq) {
-                    (Some(f), Some(m)) => (m - f + 1 - r.datagrams).max(0),
+                    // i128: sequence numbers may be as large as 2^63 - 1.
+                    (Some(f), Some(m)) => {
+                        (i128::from(m) - i128::from(f) + 1 - i128::from(r.datagrams))
+                            .clamp(0, i128::from(i64::MAX)) as i64
+                    }
                     _ => 0,
                 };
                 DeviceRow {
@@ -293,7 +295,7 @@ impl Store {
             .collect())
     }
 
-    /// Keys and committed replay windows of every device (all of them, or those with id in `ids`).
+    /// Keys and committed replay windows of every device.
     ///
     /// # Errors
     /// Driver errors, [`StoreError::Corrupt`] for a key or window of the wrong size.
@@ -324,6 +326,26 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// The key of one device, if it exists.
+    ///
+    /// # Errors
+    /// Driver errors, [`StoreError::Corrupt`] for a key of the wrong size.
+    pub async fn device_key(&self, id: DeviceId) -> Result<Option<DeviceKey>, StoreError> {
+        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT key FROM devices WHERE id = ?")
+            .bind(i64::from(id.0))
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|(key,)| {
+            key.try_into()
+                .map(DeviceKey)
+                .map_err(|_| StoreError::Corrupt {
+                    table: "devices",
+                    reason: "key is not 32 bytes",
+                })
+        })
+        .transpose()
     }
 
     /// Stored counters by name.

@@ -301,16 +301,6 @@ impl Writer {
             }
         }
         self.counters.transactions.fetch_add(1, Relaxed);
-        if self.cfg.wal_reset_wanted.swap(false, Relaxed) {
-            // Between transactions, on our own connection: copies what the passive checkpoints
-            // have not yet and starts the WAL over. A failure only means it stays large a while.
-            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-                .execute(&mut *self.conn)
-                .await
-            {
-                tracing::warn!(%error, "WAL reset failed");
-            }
-        }
         self.counters
             .datagrams_committed
             .fetch_add(plan.datagrams, Relaxed);
@@ -323,6 +313,33 @@ impl Writer {
             let _ = self.latency.record(us.clamp(1, 600_000_000));
         }
         self.send_acks(&plan);
+        if self.cfg.wal_reset_wanted.swap(false, Relaxed) {
+            self.reset_wal().await;
+        }
+    }
+
+    /// Between transactions, on the writer's own connection: copies what the passive
+    /// checkpoints have not yet copied and starts the WAL over. It must not wait for readers (a
+    /// long query would stall every commit), so it runs with no busy timeout; when a reader is
+    /// in the way it reports busy and the checkpoint task asks again later.
+    async fn reset_wal(&mut self) {
+        let conn = &mut *self.conn;
+        let result = async {
+            sqlx::query("PRAGMA busy_timeout = 0")
+                .execute(&mut *conn)
+                .await?;
+            let r = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+                .execute(&mut *conn)
+                .await;
+            sqlx::query("PRAGMA busy_timeout = 10000")
+                .execute(&mut *conn)
+                .await?;
+            r
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(%error, "WAL reset failed");
+        }
     }
 
     /// Turns a batch into rows and device updates, checking each datagram against the
@@ -336,12 +353,17 @@ impl Writer {
                     let mut window = delta.window.unwrap_or_else(|| {
                         self.windows.get(&a.device).copied().unwrap_or_default()
                     });
-                    if window.check(a.seq.0) != Verdict::New {
-                        // Already committed: only the ack is owed.
-                        if let Some(ack) = a.ack {
-                            plan.acks.push((a.peer, ack));
+                    match window.check(a.seq.0) {
+                        Verdict::New => {}
+                        Verdict::Duplicate => {
+                            // Already committed: only the ack is owed.
+                            if let Some(ack) = a.ack {
+                                plan.acks.push((a.peer, ack));
+                            }
+                            continue;
                         }
-                        continue;
+                        // Cannot tell whether it was stored: neither store nor ack.
+                        Verdict::TooOld => continue,
                     }
                     if window.parts().0.is_none() && delta.first_seq.is_none() {
                         delta.first_seq = Some(a.seq.0);

@@ -1,0 +1,177 @@
+//! The TCP control server: accepts device sessions (TLS 1.3 by default), authenticates them
+//! with the challenge-response of `proto::control`, keeps one live session per device, answers
+//! heartbeats and reports presence. Commands, configuration and files ride on the same sessions.
+//!
+//! Limits: a global session semaphore, a per-source-address count, a deadline on TLS handshake
+//! plus authentication together, a read deadline of `heartbeat × missed_heartbeats` afterwards,
+//! and a maximum frame size checked on the length prefix before the body is buffered. A
+//! connection over a limit is closed at once; one connection's slowness never delays another
+//! (each runs in its own task).
+//!
+//! Emits: `debug` per session start and end, `warn` for accept errors.
+
+pub mod presence;
+pub mod session;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use proto::DeviceId;
+use proto::control::GatewayMsg;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ControlConfig;
+use crate::control::presence::Presence;
+use crate::store::Store;
+
+/// Counters of the control server.
+#[derive(Debug, Default)]
+pub struct ControlCounters {
+    /// Sessions that authenticated.
+    pub sessions_authenticated: AtomicU64,
+    /// Connections closed for a limit (sessions, per address).
+    pub rejected_busy: AtomicU64,
+    /// Connections that failed TLS, timed out or sent bad frames before authenticating.
+    pub rejected_handshake: AtomicU64,
+    /// Authentications that failed (unknown device or wrong proof).
+    pub rejected_auth: AtomicU64,
+    /// Sessions replaced by a newer one of the same device.
+    pub sessions_replaced: AtomicU64,
+}
+
+/// A live, authenticated session as the rest of the gateway sees it.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// Unique per gateway run, to tell a session from its replacement.
+    pub session: u64,
+    /// Messages to send to the device.
+    pub tx: mpsc::Sender<GatewayMsg>,
+    /// Ends the session.
+    pub cancel: CancellationToken,
+}
+
+/// Live sessions by device. A plain mutex: it is never held across an await.
+pub type Registry = Arc<Mutex<HashMap<DeviceId, SessionHandle>>>;
+
+/// Shared state of the control server and its sessions.
+pub(crate) struct Shared {
+    pub cfg: ControlConfig,
+    pub store: Store,
+    pub registry: Registry,
+    pub presence: mpsc::Sender<Presence>,
+    pub counters: Arc<ControlCounters>,
+    pub per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub next_session: AtomicU64,
+}
+
+/// Releases a per-address slot when a connection ends.
+struct IpSlot<'a> {
+    shared: &'a Shared,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The accept loop.
+pub struct ControlServer {
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+}
+
+impl ControlServer {
+    /// A server on a bound `listener`; `tls` None serves plain TCP.
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        cfg: ControlConfig,
+        store: Store,
+        presence: mpsc::Sender<Presence>,
+        counters: Arc<ControlCounters>,
+        registry: Registry,
+    ) -> Self {
+        let limit = Arc::new(Semaphore::new(cfg.max_sessions.get()));
+        Self {
+            listener,
+            acceptor: tls.map(tokio_rustls::TlsAcceptor::from),
+            shared: Arc::new(Shared {
+                cfg,
+                store,
+                registry,
+                presence,
+                counters,
+                per_ip: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+            }),
+            limit,
+        }
+    }
+
+    /// Accepts until `cancel` fires; sessions run as tracked tasks with child tokens.
+    pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(error) => {
+                        // Per-connection errors (e.g. the peer reset before accept, or too many
+                        // open files for a moment) never stop the listener.
+                        tracing::warn!(%error, "accept failed");
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+                self.shared.counters.rejected_busy.fetch_add(1, Relaxed);
+                continue; // dropping the stream closes it
+            };
+            {
+                let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+                let n = map.entry(peer.ip()).or_insert(0);
+                if *n >= self.shared.cfg.max_sessions_per_ip.get() {
+                    self.shared.counters.rejected_busy.fetch_add(1, Relaxed);
+                    continue;
+                }
+                *n += 1;
+            }
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let acceptor = self.acceptor.clone();
+            let session_cancel = cancel.child_token();
+            tracker.spawn(async move {
+                let _slot = IpSlot {
+                    shared: &shared,
+                    ip: peer.ip(),
+                };
+                session::serve(stream, peer, acceptor, &shared, session_cancel).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Binds the control listener.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

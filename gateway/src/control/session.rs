@@ -1,0 +1,296 @@
+//! One control connection: TLS handshake, authentication, then the session loop (heartbeats,
+//! outgoing messages) until the device leaves, misses its heartbeats, is replaced by a newer
+//! session, or the gateway stops.
+//!
+//! Emits: `debug` when a session starts and ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use proto::DeviceId;
+use proto::control::{
+    DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, decode_frame, encode_frame,
+    verify_proof,
+};
+use rand::RngCore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::presence::Presence;
+use crate::control::{SessionHandle, Shared};
+
+/// Why a connection or session ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed the connection.
+    Closed,
+    /// A read or write failed, or a frame was invalid.
+    Error,
+}
+
+/// Framed reading and writing of control messages over any byte stream.
+pub(crate) struct Conn<S> {
+    io: S,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    max: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    pub(crate) fn new(io: S, max: usize) -> Self {
+        Self {
+            io,
+            buf: Vec::with_capacity(4096),
+            out: Vec::with_capacity(4096),
+            max,
+        }
+    }
+
+    /// Reads the next message; `Ok(None)` when the peer closed cleanly.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: bytes already read stay buffered for the next call.
+    async fn read(&mut self) -> Result<Option<DeviceMsg>, End> {
+        loop {
+            match decode_frame::<DeviceMsg>(&self.buf, self.max) {
+                Ok(Some((msg, used))) => {
+                    self.buf.drain(..used);
+                    return Ok(Some(msg));
+                }
+                Ok(None) => {}
+                Err(_) => return Err(End::Error),
+            }
+            // Never buffer more than one maximal frame.
+            if self.buf.len() > self.max + proto::control::LEN_PREFIX {
+                return Err(End::Error);
+            }
+            self.buf.reserve(4096);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return Ok(None),
+                Ok(0) => return Err(End::Closed),
+                Ok(_) => {}
+                Err(_) => return Err(End::Error),
+            }
+        }
+    }
+
+    async fn write(&mut self, msg: &GatewayMsg) -> Result<(), End> {
+        self.out.clear();
+        encode_frame(msg, MAX_FRAME, &mut self.out).map_err(|_| End::Error)?;
+        self.io.write_all(&self.out).await.map_err(|_| End::Error)?;
+        self.io.flush().await.map_err(|_| End::Error)
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    shared: &Shared,
+    cancel: CancellationToken,
+) {
+    let deadline = Instant::now() + shared.cfg.handshake_timeout;
+    match acceptor {
+        Some(acceptor) => {
+            let tls = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = timeout_at(deadline, acceptor.accept(stream)) => match r {
+                    Ok(Ok(tls)) => tls,
+                    _ => {
+                        shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+                        return;
+                    }
+                },
+            };
+            let mut binding = [0u8; 32];
+            if tls
+                .get_ref()
+                .1
+                .export_keying_material(&mut binding, TLS_EXPORTER_LABEL, None)
+                .is_err()
+            {
+                shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+                return;
+            }
+            session(
+                Conn::new(tls, MAX_FRAME),
+                peer,
+                &binding,
+                deadline,
+                shared,
+                cancel,
+            )
+            .await;
+        }
+        None => {
+            session(
+                Conn::new(stream, MAX_FRAME),
+                peer,
+                &[],
+                deadline,
+                shared,
+                cancel,
+            )
+            .await
+        }
+    }
+}
+
+/// Authenticates; returns the device or None (already counted and answered).
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    binding: &[u8],
+    shared: &Shared,
+) -> Option<DeviceId> {
+    let Ok(Some(DeviceMsg::Hello {
+        device,
+        client_nonce,
+    })) = conn.read().await
+    else {
+        shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        return None;
+    };
+    let mut server_nonce = [0u8; 32];
+    rand::rng().fill_bytes(&mut server_nonce);
+    conn.write(&GatewayMsg::Challenge { server_nonce })
+        .await
+        .ok()?;
+    let Ok(Some(DeviceMsg::Auth { proof })) = conn.read().await else {
+        shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        return None;
+    };
+    let key = shared.store.device_key(device).await.ok().flatten();
+    let ok = key.is_some_and(|key| {
+        verify_proof(&key, device, &client_nonce, &server_nonce, binding, &proof)
+    });
+    if !ok {
+        shared.counters.rejected_auth.fetch_add(1, Relaxed);
+        let _ = conn
+            .write(&GatewayMsg::Denied {
+                reason: DenyReason::AuthFailed,
+            })
+            .await;
+        return None;
+    }
+    Some(device)
+}
+
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    peer: SocketAddr,
+    binding: &[u8],
+    deadline: Instant,
+    shared: &Shared,
+    cancel: CancellationToken,
+) {
+    let device = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = timeout_at(deadline, authenticate(&mut conn, binding, shared)) => match r {
+            Ok(Some(device)) => device,
+            Ok(None) => return,
+            Err(_) => {
+                shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+                return;
+            }
+        },
+    };
+    shared.counters.sessions_authenticated.fetch_add(1, Relaxed);
+    let session = shared.next_session.fetch_add(1, Relaxed);
+    let (tx, mut rx) = mpsc::channel::<GatewayMsg>(64);
+    let replaced = {
+        let mut map = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(
+            device,
+            SessionHandle {
+                session,
+                tx,
+                cancel: cancel.clone(),
+            },
+        )
+    };
+    if let Some(old) = replaced {
+        shared.counters.sessions_replaced.fetch_add(1, Relaxed);
+        old.cancel.cancel();
+    }
+    let _ = shared.presence.send(Presence::Online(device)).await;
+    tracing::debug!(device = device.0, %peer, session, "session started");
+    let heartbeat = shared.cfg.heartbeat;
+    let idle = heartbeat * shared.cfg.missed_heartbeats;
+    let mut reason = "closed";
+    if conn
+        .write(&GatewayMsg::Welcome {
+            heartbeat_ms: heartbeat.as_millis().min(u128::from(u32::MAX)) as u32,
+        })
+        .await
+        .is_err()
+    {
+        reason = "error";
+    } else {
+        let mut last_seen = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    reason = "shutdown";
+                    break;
+                }
+                out = rx.recv() => {
+                    let Some(out) = out else { break };
+                    if conn.write(&out).await.is_err() {
+                        reason = "error";
+                        break;
+                    }
+                }
+                msg = timeout(idle, conn.read()) => match msg {
+                    Err(_) => {
+                        reason = "timeout";
+                        break;
+                    }
+                    Ok(Ok(None)) | Ok(Err(End::Closed)) => break,
+                    Ok(Err(End::Error)) => {
+                        reason = "error";
+                        break;
+                    }
+                    Ok(Ok(Some(msg))) => {
+                        if last_seen.elapsed() >= heartbeat {
+                            last_seen = Instant::now();
+                            let _ = shared.presence.send(Presence::Seen(device)).await;
+                        }
+                        if matches!(msg, DeviceMsg::Heartbeat)
+                            && conn.write(&GatewayMsg::HeartbeatAck).await.is_err()
+                        {
+                            reason = "error";
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+    }
+    let still_ours = {
+        let mut map = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&device).map(|h| h.session) == Some(session) {
+            map.remove(&device);
+            true
+        } else {
+            false
+        }
+    };
+    if still_ours {
+        let _ = shared
+            .presence
+            .send(Presence::Offline(device, reason))
+            .await;
+    } else {
+        let _ = conn
+            .write(&GatewayMsg::Denied {
+                reason: DenyReason::Replaced,
+            })
+            .await;
+    }
+    tracing::debug!(device = device.0, session, reason, "session ended");
+}
