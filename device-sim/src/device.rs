@@ -48,6 +48,8 @@ pub(crate) struct Behaviour {
     pub faults: Faults,
     pub keep_readings: bool,
     pub progress: Arc<Progress>,
+    pub control: Option<crate::control::ControlTarget>,
+    pub seed: u64,
 }
 
 struct Pending {
@@ -69,6 +71,9 @@ pub(crate) struct Device {
     report: DeviceReport,
     sent: Vec<SentReading>,
     sample_index: u64,
+    /// Datagram period in ms; a `set-interval` command changes it.
+    period_ms: Arc<AtomicU64>,
+    key: proto::DeviceKey,
 }
 
 fn now_ms() -> u64 {
@@ -79,12 +84,13 @@ fn now_ms() -> u64 {
 }
 
 impl Device {
-    pub(crate) fn new(spec: DeviceSpec, b: Behaviour) -> Self {
+    pub(crate) fn new(spec: DeviceSpec, key: proto::DeviceKey, b: Behaviour) -> Self {
         let mut rng = SmallRng::seed_from_u64(
             spec.seed ^ u64::from(spec.id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
         let model = SensorModel::new(&mut rng);
         let seq = spec.first_seq;
+        let period_ms = Arc::new(AtomicU64::new(b.period.as_millis().max(1) as u64));
         let report = DeviceReport {
             id: spec.id.0,
             ..Default::default()
@@ -101,19 +107,53 @@ impl Device {
             report,
             sent: Vec::new(),
             sample_index: 0,
+            period_ms,
+            key,
         }
     }
 
     /// Sends until `until` (or cancellation), then waits for outstanding acks (retransmitting)
     /// until they arrive, retries run out, or `cancel` fires.
     pub(crate) async fn run(
+        self,
+        until: Option<Instant>,
+        cancel: CancellationToken,
+    ) -> (DeviceReport, Vec<SentReading>) {
+        let Some(target) = self.b.control.clone() else {
+            return self.run_telemetry(until, cancel).await;
+        };
+        // The control session lives as long as the telemetry loop.
+        let stop_control = cancel.child_token();
+        let control = crate::control::run(
+            self.spec.id,
+            self.key.clone(),
+            target,
+            self.period_ms.clone(),
+            self.b.progress.clone(),
+            self.b.seed,
+            stop_control.clone(),
+        );
+        let telemetry = async {
+            let r = self.run_telemetry(until, cancel).await;
+            stop_control.cancel();
+            r
+        };
+        let ((mut report, sent), c) = tokio::join!(telemetry, control);
+        report.control_sessions = c.sessions;
+        report.control_failures = c.failures;
+        report.commands = c.commands;
+        (report, sent)
+    }
+
+    async fn run_telemetry(
         mut self,
         until: Option<Instant>,
         cancel: CancellationToken,
     ) -> (DeviceReport, Vec<SentReading>) {
         let phase = self.rng.random_range(0.0..1.0);
         let start = Instant::now() + self.b.period.mul_f64(phase);
-        let mut tick = tokio::time::interval_at(start, self.b.period);
+        let mut period = self.period_ms.load(Relaxed);
+        let mut tick = tokio::time::interval_at(start, Duration::from_millis(period));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut buf = [0u8; 64];
         let mut sending = true;
@@ -136,7 +176,16 @@ impl Device {
                     sending = false;
                     self.flush_held().await;
                 }
-                _ = tick.tick(), if sending => self.send_next().await,
+                _ = tick.tick(), if sending => {
+                    self.send_next().await;
+                    let now = self.period_ms.load(Relaxed);
+                    if now != period {
+                        period = now;
+                        let p = Duration::from_millis(period);
+                        tick = tokio::time::interval_at(Instant::now() + p, p);
+                        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    }
+                }
                 _ = sleep_opt(retx_at) => self.retransmit_due().await,
             }
         }

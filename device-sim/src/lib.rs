@@ -11,6 +11,7 @@
 //! - `device`: one device task.
 //! - [`report`] — the report and live progress.
 
+pub mod control;
 pub mod fleet;
 pub mod model;
 pub mod report;
@@ -75,6 +76,8 @@ pub struct SimConfig {
     pub keep_readings: bool,
     /// Fleet file to write sequence counters back to (during and after the run).
     pub fleet_path: Option<PathBuf>,
+    /// Hold a control session per device.
+    pub control: Option<control::ControlTarget>,
 }
 
 impl SimConfig {
@@ -93,6 +96,7 @@ impl SimConfig {
             faults: Faults::default(),
             keep_readings: false,
             fleet_path: None,
+            control: None,
         }
     }
 }
@@ -198,6 +202,8 @@ pub async fn run(
         faults: cfg.faults.clone(),
         keep_readings: cfg.keep_readings,
         progress,
+        control: cfg.control.clone(),
+        seed: cfg.seed,
     };
     let counters: Vec<Arc<AtomicU64>> = fleet.devices[..count]
         .iter()
@@ -249,7 +255,7 @@ pub async fn run(
             next_seq: next_seq.clone(),
             seq_limit: limit.clone(),
         };
-        let device = Device::new(spec, behaviour.clone());
+        let device = Device::new(spec, d.device_key()?, behaviour.clone());
         set.spawn(device.run(until, cancel.clone()));
     }
     let mut reports = Vec::with_capacity(count);

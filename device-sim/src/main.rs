@@ -61,6 +61,19 @@ struct Args {
     /// Probability, per datagram, of also replaying an old datagram.
     #[arg(long, default_value_t = 0.0)]
     replay: f64,
+    /// Gateway control address: each device holds a control session (TLS unless
+    /// --control-plain).
+    #[arg(long)]
+    control: Option<SocketAddr>,
+    /// CA certificate that signed the gateway's control certificate (e.g. certs/ca.pem).
+    #[arg(long, requires = "control")]
+    ca: Option<PathBuf>,
+    /// Name to verify in the gateway's certificate.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Use plain TCP for control sessions (only against a gateway with control.tls = false).
+    #[arg(long, requires = "control")]
+    control_plain: bool,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -117,6 +130,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         keep_readings: args.readings_log.is_some(),
         fleet_path: Some(args.fleet.clone()),
+        control: match args.control {
+            None => None,
+            Some(addr) => Some(device_sim::control::ControlTarget {
+                addr,
+                tls: if args.control_plain {
+                    None
+                } else {
+                    let ca = args
+                        .ca
+                        .as_deref()
+                        .context("--control needs --ca (or --control-plain)")?;
+                    let config = device_sim::control::tls_client(ca).map_err(anyhow::Error::msg)?;
+                    let name = rustls::pki_types::ServerName::try_from(args.server_name.clone())
+                        .context("--server-name")?;
+                    Some((config, name))
+                },
+            }),
+        },
     };
     let progress = Arc::new(Progress::default());
     let cancel = CancellationToken::new();

@@ -56,6 +56,15 @@ pub struct DeviceReport {
     /// Datagrams skipped because the sequence lease in the fleet file could not be renewed.
     #[serde(default)]
     pub lease_waits: u64,
+    /// Control sessions authenticated (with `--control`).
+    #[serde(default)]
+    pub control_sessions: u64,
+    /// Control connection attempts or sessions that failed or dropped.
+    #[serde(default)]
+    pub control_failures: u64,
+    /// Commands applied.
+    #[serde(default)]
+    pub commands: u64,
     /// Faults injected.
     pub faults: FaultCounts,
 }
@@ -145,6 +154,8 @@ impl Report {
 /// Live totals for progress displays, updated by the device tasks.
 #[derive(Debug, Default)]
 pub struct Progress {
+    /// Control sessions.
+    pub control: crate::control::ControlProgress,
     /// Datagrams generated.
     pub datagrams_sent: AtomicU64,
     /// Readings generated.

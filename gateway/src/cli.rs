@@ -62,6 +62,63 @@ pub enum Command {
     /// Check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// TLS certificates for control sessions.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+/// `gateway certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a local CA and a server certificate (keys with mode 0600).
+    Init {
+        /// Folder to write ca.pem, ca.key, server.pem and server.key into.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Host names and addresses of the server certificate [default: localhost, 127.0.0.1,
+        /// ::1 and this host's name].
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `gateway certs init`
+///
+/// # Errors
+/// Existing files without `--force`, generation or write errors.
+pub fn certs(cmd: CertsCommand) -> anyhow::Result<()> {
+    let CertsCommand::Init { dir, hosts, force } = cmd;
+    let files = crate::control::tls::CertFiles::in_dir(&dir);
+    if !force && (files.ca_cert.exists() || files.server_cert.exists()) {
+        bail!(
+            "{} already holds certificates; pass --force to replace them",
+            dir.display()
+        );
+    }
+    let hosts = if hosts.is_empty() {
+        crate::control::tls::default_hosts()
+    } else {
+        hosts
+    };
+    let files = crate::control::tls::init_certs(&dir, &hosts)?;
+    println!(
+        "CA certificate      {} (give this to devices)",
+        files.ca_cert.display()
+    );
+    println!(
+        "CA key              {} (keep private)",
+        files.ca_key.display()
+    );
+    println!(
+        "server certificate  {} for {}",
+        files.server_cert.display(),
+        hosts.join(", ")
+    );
+    println!("server key          {}", files.server_key.display());
+    Ok(())
 }
 
 /// Settings of `serve`; each overrides the config file.
@@ -366,20 +423,30 @@ fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -
         ListFormat::Table => {
             writeln!(
                 out,
-                "{:>10}  {:<20}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}",
-                "id", "name", "datagrams", "readings", "lost", "rejected", "last seen"
+                "{:>10}  {:<20}  {:<7}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
+                "id",
+                "name",
+                "control",
+                "datagrams",
+                "readings",
+                "lost",
+                "rejected",
+                "last datagram",
+                "last control frame"
             )?;
             for r in rows {
                 writeln!(
                     out,
-                    "{:>10}  {:<20}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}",
+                    "{:>10}  {:<20}  {:<7}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
                     r.id,
                     r.name,
+                    if r.online { "online" } else { "offline" },
                     r.datagrams,
                     r.readings,
                     r.lost,
                     r.rejected,
-                    r.last_seen_ms.map_or_else(|| "never".into(), format_ms)
+                    r.last_seen_ms.map_or_else(|| "never".into(), format_ms),
+                    r.control_seen_ms.map_or_else(|| "never".into(), format_ms)
                 )?;
             }
             Ok(())

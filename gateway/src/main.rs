@@ -37,6 +37,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Stats(args)) => gateway::cli::stats(args).await,
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
+            Some(Command::Certs(cmd)) => gateway::cli::certs(cmd),
         }
     })
 }

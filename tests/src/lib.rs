@@ -462,3 +462,50 @@ impl RawDevice {
         }
     }
 }
+
+/// Writes a config file with `toml` into `dir` and returns its path.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn config_file(dir: &Path, toml: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, toml)?;
+    Ok(path)
+}
+
+/// Resident set size of a process, KiB.
+///
+/// # Errors
+/// When /proc cannot be read.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("VmRSS")?
+        .split_whitespace()
+        .next()
+        .context("value")?
+        .parse()
+        .context("number")
+}
+
+/// Devices `gateway devices list --format json` reports online.
+///
+/// # Errors
+/// When the verb fails.
+pub fn online_count(db: &Path) -> anyhow::Result<usize> {
+    let out = gateway(&[
+        "devices",
+        "list",
+        "--format",
+        "json",
+        "--db",
+        db.to_str().context("path")?,
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v.as_array()
+        .context("array")?
+        .iter()
+        .filter(|d| d["online"] == true)
+        .count())
+}

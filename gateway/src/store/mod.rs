@@ -110,6 +110,10 @@ pub struct DeviceRow {
     pub lost: i64,
     /// Datagrams rejected (bad tag, bad payload, replay, duplicate).
     pub rejected: i64,
+    /// Whether it holds a control session now.
+    pub online: bool,
+    /// Last frame on its control session, ms since the epoch.
+    pub control_seen_ms: Option<i64>,
 }
 
 /// Handle to the database. Cheap to clone.
@@ -263,10 +267,12 @@ impl Store {
             first_seq: Option<i64>,
             max_seq: Option<i64>,
             rejected: i64,
+            online: bool,
+            control_seen_ms: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, name, created_ms, last_seen_ms, datagrams, readings, first_seq, \
-             max_seq, rejected FROM devices ORDER BY id",
+             max_seq, rejected, online, control_seen_ms FROM devices ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -290,6 +296,8 @@ impl Store {
                     readings: r.readings,
                     lost,
                     rejected: r.rejected,
+                    online: r.online,
+                    control_seen_ms: r.control_seen_ms,
                 }
             })
             .collect())

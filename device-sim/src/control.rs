@@ -1,0 +1,310 @@
+//! A simulated device's control session: connect (TLS 1.3 trusting the given CA, or plain TCP),
+//! authenticate with the challenge-response, keep heartbeats, obey commands, and reconnect with
+//! exponential backoff and jitter when the session drops.
+//!
+//! Emits: nothing; its outcome is counted in the device's report and in [`ControlProgress`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use proto::control::{
+    Command, CommandOutcome, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, auth_proof,
+    decode_frame, encode_frame,
+};
+use proto::{DeviceId, DeviceKey};
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// How devices reach the gateway's control listener.
+#[derive(Clone)]
+pub struct ControlTarget {
+    /// Listener address.
+    pub addr: SocketAddr,
+    /// TLS client settings and the name to verify; None for plain TCP.
+    pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl std::fmt::Debug for ControlTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlTarget")
+            .field("addr", &self.addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A TLS 1.3 client configuration trusting the CA certificates in `ca` (PEM).
+///
+/// # Errors
+/// A message when the file is unreadable or holds no certificate.
+pub fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+    for c in certs {
+        let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no CA certificate", ca.display()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Live totals of control sessions, for progress displays and tests.
+#[derive(Debug, Default)]
+pub struct ControlProgress {
+    /// Sessions authenticated right now.
+    pub online: AtomicU64,
+    /// Sessions authenticated in total.
+    pub established: AtomicU64,
+    /// Commands applied (not counting resends of applied ones).
+    pub commands: AtomicU64,
+}
+
+/// What one device's control session did.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ControlOutcome {
+    pub sessions: u64,
+    pub failures: u64,
+    pub commands: u64,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Cancelled,
+    Dropped,
+}
+
+struct Conn<S> {
+    io: S,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn read(&mut self) -> Option<GatewayMsg> {
+        loop {
+            match decode_frame::<GatewayMsg>(&self.buf, MAX_FRAME) {
+                Ok(Some((m, used))) => {
+                    self.buf.drain(..used);
+                    return Some(m);
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            self.buf.reserve(4096);
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn write(&mut self, m: &DeviceMsg) -> bool {
+        self.out.clear();
+        if encode_frame(m, MAX_FRAME, &mut self.out).is_err() {
+            return false;
+        }
+        self.io.write_all(&self.out).await.is_ok() && self.io.flush().await.is_ok()
+    }
+}
+
+/// Runs a device's control session until `cancel`, reconnecting after drops.
+pub(crate) async fn run(
+    device: DeviceId,
+    key: DeviceKey,
+    target: ControlTarget,
+    period_ms: Arc<AtomicU64>,
+    progress: Arc<crate::Progress>,
+    seed: u64,
+    cancel: CancellationToken,
+) -> ControlOutcome {
+    let mut rng = SmallRng::seed_from_u64(seed ^ u64::from(device.0) ^ 0xC0DE);
+    let mut outcome = ControlOutcome::default();
+    let mut applied = std::collections::HashSet::new();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let end = tokio::select! {
+            _ = cancel.cancelled() => SessionEnd::Cancelled,
+            end = session(device, &key, &target, &period_ms, &progress.control, &mut outcome, &mut applied, &mut backoff, &cancel) => end,
+        };
+        if matches!(end, SessionEnd::Cancelled) {
+            return outcome;
+        }
+        outcome.failures += 1;
+        // Exponential backoff with full jitter, so a restarted gateway is not hit all at once.
+        let wait = backoff.mul_f64(rng.random_range(0.5..1.0));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+        tokio::select! {
+            _ = cancel.cancelled() => return outcome,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    device: DeviceId,
+    key: &DeviceKey,
+    target: &ControlTarget,
+    period_ms: &AtomicU64,
+    progress: &ControlProgress,
+    outcome: &mut ControlOutcome,
+    applied: &mut std::collections::HashSet<u64>,
+    backoff: &mut Duration,
+    cancel: &CancellationToken,
+) -> SessionEnd {
+    let Ok(tcp) = TcpStream::connect(target.addr).await else {
+        return SessionEnd::Dropped;
+    };
+    let _ = tcp.set_nodelay(true);
+    match &target.tls {
+        Some((config, name)) => {
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let Ok(tls) = connector.connect(name.clone(), tcp).await else {
+                return SessionEnd::Dropped;
+            };
+            let mut binding = [0u8; 32];
+            if tls
+                .get_ref()
+                .1
+                .export_keying_material(&mut binding, TLS_EXPORTER_LABEL, None)
+                .is_err()
+            {
+                return SessionEnd::Dropped;
+            }
+            let conn = Conn {
+                io: tls,
+                buf: Vec::new(),
+                out: Vec::new(),
+            };
+            live(
+                conn, device, key, &binding, period_ms, progress, outcome, applied, backoff, cancel,
+            )
+            .await
+        }
+        None => {
+            let conn = Conn {
+                io: tcp,
+                buf: Vec::new(),
+                out: Vec::new(),
+            };
+            live(
+                conn,
+                device,
+                key,
+                &[],
+                period_ms,
+                progress,
+                outcome,
+                applied,
+                backoff,
+                cancel,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn live<S: AsyncRead + AsyncWrite + Unpin>(
+    mut conn: Conn<S>,
+    device: DeviceId,
+    key: &DeviceKey,
+    binding: &[u8],
+    period_ms: &AtomicU64,
+    progress: &ControlProgress,
+    outcome: &mut ControlOutcome,
+    applied: &mut std::collections::HashSet<u64>,
+    backoff: &mut Duration,
+    cancel: &CancellationToken,
+) -> SessionEnd {
+    let mut client_nonce = [0u8; 16];
+    rand::rng().fill_bytes(&mut client_nonce);
+    if !conn
+        .write(&DeviceMsg::Hello {
+            device,
+            client_nonce,
+        })
+        .await
+    {
+        return SessionEnd::Dropped;
+    }
+    let Some(GatewayMsg::Challenge { server_nonce }) = conn.read().await else {
+        return SessionEnd::Dropped;
+    };
+    let proof = auth_proof(key, device, &client_nonce, &server_nonce, binding);
+    if !conn.write(&DeviceMsg::Auth { proof }).await {
+        return SessionEnd::Dropped;
+    }
+    let Some(GatewayMsg::Welcome { heartbeat_ms }) = conn.read().await else {
+        return SessionEnd::Dropped;
+    };
+    outcome.sessions += 1;
+    *backoff = Duration::from_millis(100);
+    progress.established.fetch_add(1, Relaxed);
+    progress.online.fetch_add(1, Relaxed);
+    let mut beat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
+    beat.tick().await;
+    let end = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break SessionEnd::Cancelled,
+            _ = beat.tick() => {
+                if !conn.write(&DeviceMsg::Heartbeat).await {
+                    break SessionEnd::Dropped;
+                }
+            }
+            msg = conn.read() => match msg {
+                None | Some(GatewayMsg::Denied { .. }) => break SessionEnd::Dropped,
+                Some(GatewayMsg::Command { id, command }) => {
+                    let outcome_kind = if applied.insert(id.0) {
+                        outcome.commands += 1;
+                        progress.commands.fetch_add(1, Relaxed);
+                        apply(&command, period_ms)
+                    } else {
+                        CommandOutcome::Duplicate
+                    };
+                    let reply = DeviceMsg::CommandResult {
+                        id,
+                        outcome: outcome_kind,
+                        detail: String::new(),
+                    };
+                    if !conn.write(&reply).await {
+                        break SessionEnd::Dropped;
+                    }
+                }
+                Some(_) => {}
+            },
+        }
+    };
+    progress.online.fetch_sub(1, Relaxed);
+    end
+}
+
+fn apply(command: &Command, period_ms: &AtomicU64) -> CommandOutcome {
+    match command {
+        Command::SetInterval { millis } if *millis > 0 => {
+            period_ms.store(u64::from(*millis), Relaxed);
+            CommandOutcome::Done
+        }
+        Command::SetInterval { .. } => CommandOutcome::Failed,
+        Command::Ping | Command::Reboot | Command::SetConfig { .. } | Command::Custom { .. } => {
+            CommandOutcome::Done
+        }
+    }
+}

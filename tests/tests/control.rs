@@ -1,0 +1,258 @@
+//! Control sessions end to end: thousands of TLS sessions, presence, and hostile clients.
+
+use std::time::Duration;
+
+use e2e::*;
+use proto::control::{
+    DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, auth_proof, decode_frame,
+    encode_frame,
+};
+use proto::{DeviceId, DeviceKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// 2,000 devices hold TLS sessions; all show online; killing the simulator turns them offline
+/// within heartbeat × missed heartbeats (plus the presence writer's moment).
+#[test]
+fn two_thousand_sessions_online_then_offline() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 2000)?;
+    let cfg = config_file(
+        dir.path(),
+        "[control]\nheartbeat = \"1s\"\nmissed_heartbeats = 2\n",
+    )?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--rate", "1", "--batch", "1", "--duration", "120s"])
+        .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn()?;
+    wait_until(Duration::from_secs(90), "2000 devices online", || {
+        Ok(online_count(&db)? == 2000)
+    })?;
+    child.kill()?;
+    child.wait()?;
+    let t0 = std::time::SystemTime::now();
+    wait_until(Duration::from_secs(20), "all devices offline", || {
+        Ok(online_count(&db)? == 0)
+    })?;
+    let took = t0.elapsed()?;
+    // A killed process closes its sockets, so most sessions end at once; a session whose close
+    // was lost ends by missed heartbeats (2 s).
+    assert!(took < Duration::from_secs(5), "offline after {took:?}");
+    gw.stop()?;
+    Ok(())
+}
+
+struct Client {
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: std::net::SocketAddr, ca: &std::path::Path) -> anyhow::Result<Client> {
+        let config = device_sim::control::tls_client(ca).map_err(anyhow::Error::msg)?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        Ok(Client {
+            tls,
+            buf: Vec::new(),
+        })
+    }
+
+    fn binding(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        self.tls
+            .get_ref()
+            .1
+            .export_keying_material(&mut b, TLS_EXPORTER_LABEL, None)
+            .expect("exporter");
+        b
+    }
+
+    async fn send(&mut self, m: &DeviceMsg) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        encode_frame(m, MAX_FRAME, &mut out)?;
+        self.tls.write_all(&out).await?;
+        Ok(self.tls.flush().await?)
+    }
+
+    /// The next message, or None when the server closed.
+    async fn recv(&mut self) -> anyhow::Result<Option<GatewayMsg>> {
+        loop {
+            if let Some((m, used)) = decode_frame::<GatewayMsg>(&self.buf, MAX_FRAME)? {
+                self.buf.drain(..used);
+                return Ok(Some(m));
+            }
+            self.buf.reserve(4096);
+            if self.tls.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Runs the handshake with `proof_for` computing the proof from the server nonce.
+    async fn handshake(
+        &mut self,
+        device: DeviceId,
+        nonce: [u8; 16],
+        proof_for: impl FnOnce([u8; 32], [u8; 32]) -> [u8; 32],
+    ) -> anyhow::Result<Option<GatewayMsg>> {
+        self.send(&DeviceMsg::Hello {
+            device,
+            client_nonce: nonce,
+        })
+        .await?;
+        let Some(GatewayMsg::Challenge { server_nonce }) = self.recv().await? else {
+            anyhow::bail!("no challenge");
+        };
+        let proof = proof_for(server_nonce, self.binding());
+        self.send(&DeviceMsg::Auth { proof }).await?;
+        self.recv().await
+    }
+}
+
+/// Closed (EOF or reset) within `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[test]
+fn hostile_clients_are_refused_and_cost_little() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 2)?;
+    let cfg = config_file(dir.path(), "[control]\nhandshake_timeout = \"2s\"\n")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet)?;
+    let dev = &fleet.devices[0];
+    let (id, key) = (dev.device_id(), dev.device_key()?);
+    let addr = gw.control;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let idle_rss = rss_kib(gw.child.id())?;
+    rt.block_on(async {
+        // A legitimate session, and what an eavesdropper inside it would have seen.
+        let mut c = Client::connect(addr, &ca).await?;
+        let nonce = [5u8; 16];
+        let mut recorded = [0u8; 32];
+        let welcome = c
+            .handshake(id, nonce, |server, binding| {
+                recorded = auth_proof(&key, id, &nonce, &server, &binding);
+                recorded
+            })
+            .await?;
+        assert!(
+            matches!(welcome, Some(GatewayMsg::Welcome { .. })),
+            "{welcome:?}"
+        );
+
+        // Replaying the recorded proof in a new session fails: new nonce, new TLS binding.
+        let mut r = Client::connect(addr, &ca).await?;
+        let answer = r.handshake(id, nonce, |_, _| recorded).await?;
+        assert_eq!(
+            answer,
+            Some(GatewayMsg::Denied {
+                reason: DenyReason::AuthFailed
+            })
+        );
+        // A wrong key fails the same way, and so does an unknown device.
+        let wrong = DeviceKey([9; 32]);
+        let mut w = Client::connect(addr, &ca).await?;
+        let answer = w
+            .handshake(id, nonce, |s, b| auth_proof(&wrong, id, &nonce, &s, &b))
+            .await?;
+        assert!(matches!(answer, Some(GatewayMsg::Denied { .. })));
+        let mut u = Client::connect(addr, &ca).await?;
+        let stranger = DeviceId(4242);
+        let answer = u
+            .handshake(stranger, nonce, |s, b| {
+                auth_proof(&key, stranger, &nonce, &s, &b)
+            })
+            .await?;
+        assert!(matches!(answer, Some(GatewayMsg::Denied { .. })));
+
+        // Plain TCP speaking the protocol to the TLS listener: closed, never answered.
+        let mut plain = tokio::net::TcpStream::connect(addr).await?;
+        let mut hello = Vec::new();
+        encode_frame(
+            &DeviceMsg::Hello {
+                device: id,
+                client_nonce: nonce,
+            },
+            MAX_FRAME,
+            &mut hello,
+        )?;
+        plain.write_all(&hello).await?;
+        assert!(
+            closed_within(&mut plain, Duration::from_secs(3)).await,
+            "plain TCP not closed"
+        );
+
+        // A 4 GiB length prefix after a good TLS handshake: closed at once.
+        let mut big = Client::connect(addr, &ca).await?;
+        big.tls.write_all(&[0xff, 0xff, 0xff, 0xff]).await?;
+        big.tls.flush().await?;
+        let t = tokio::time::timeout(Duration::from_secs(2), big.recv()).await;
+        assert!(
+            matches!(t, Ok(Ok(None)) | Ok(Err(_))),
+            "4 GiB prefix not closed: {t:?}"
+        );
+
+        // 500 connections that never start their handshake.
+        let mut stalled = Vec::new();
+        for _ in 0..500 {
+            stalled.push(tokio::net::TcpStream::connect(addr).await?);
+        }
+        // A legitimate device still gets in quickly.
+        let t0 = tokio::time::Instant::now();
+        let mut late = Client::connect(addr, &ca).await?;
+        let dev2 = &fleet.devices[1];
+        let (id2, key2) = (dev2.device_id(), dev2.device_key()?);
+        let ok = late
+            .handshake(id2, nonce, |s, b| auth_proof(&key2, id2, &nonce, &s, &b))
+            .await?;
+        let took = t0.elapsed();
+        assert!(matches!(ok, Some(GatewayMsg::Welcome { .. })), "{ok:?}");
+        assert!(
+            took < Duration::from_secs(1),
+            "legitimate handshake took {took:?}"
+        );
+        // Every stalled connection is closed by the handshake timeout (2 s).
+        for s in &mut stalled {
+            assert!(
+                closed_within(s, Duration::from_secs(5)).await,
+                "stalled connection kept"
+            );
+        }
+        anyhow::Ok(())
+    })?;
+    let rss = rss_kib(gw.child.id())?;
+    assert!(
+        rss < idle_rss + 50 * 1024,
+        "RSS grew from {idle_rss} KiB to {rss} KiB"
+    );
+    gw.stop()?;
+    Ok(())
+}
