@@ -65,6 +65,204 @@ pub enum Command {
     /// TLS certificates for control sessions.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Commands to devices, through the running gateway's admin API.
+    #[command(subcommand)]
+    Commands(CommandsCommand),
+}
+
+/// How the CLI reaches a running gateway.
+#[derive(Debug, Args, Clone)]
+pub struct AdminArgs {
+    /// Admin API address of the running gateway.
+    #[arg(long, env = "GATEWAY_ADMIN", default_value = "127.0.0.1:4782")]
+    pub admin: SocketAddr,
+    /// Bearer token [default: the admin.token file beside --db].
+    #[arg(long, env = "GATEWAY_ADMIN_TOKEN")]
+    pub token: Option<String>,
+    #[command(flatten)]
+    pub db: DbArg,
+}
+
+impl AdminArgs {
+    fn token(&self) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let file = crate::config::token_file(&self.db.db);
+        Ok(std::fs::read_to_string(&file)
+            .with_context(|| {
+                format!(
+                    "reading the admin token from {} (pass --token or --db)",
+                    file.display()
+                )
+            })?
+            .trim()
+            .to_owned())
+    }
+
+    fn agent(&self) -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+/// `gateway commands ...`
+#[derive(Debug, Subcommand)]
+pub enum CommandsCommand {
+    /// Queue a command for one device or all; online devices get it at once, others when they
+    /// connect.
+    Send {
+        /// Target device.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        device: Option<u32>,
+        /// Every device.
+        #[arg(long)]
+        all: bool,
+        /// How long an undelivered command stays queued.
+        #[arg(long, default_value = "1day", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The command: ping | set-interval MS | reboot | set-config KEY=VALUE... | custom HEX
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+    /// Commands with their status and result, newest first.
+    List {
+        /// Only this device.
+        #[arg(long)]
+        device: Option<u32>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: ListFormat,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn parse_command(words: &[String]) -> anyhow::Result<crate::admin::CommandSpec> {
+    use crate::admin::CommandSpec;
+    let (verb, rest) = words.split_first().context("missing command")?;
+    Ok(match (verb.as_str(), rest) {
+        ("ping", []) => CommandSpec::Ping,
+        ("reboot", []) => CommandSpec::Reboot,
+        ("set-interval", [ms]) => CommandSpec::SetInterval {
+            millis: ms.parse().context("set-interval takes milliseconds")?,
+        },
+        ("set-config", pairs) if !pairs.is_empty() => CommandSpec::SetConfig {
+            pairs: pairs
+                .iter()
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("{p:?} is not KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?,
+        },
+        ("custom", [hex]) => CommandSpec::Custom { hex: hex.clone() },
+        _ => bail!(
+            "unknown command {words:?}: ping | set-interval MS | reboot | set-config KEY=VALUE... | custom HEX"
+        ),
+    })
+}
+
+/// `gateway commands ...`
+///
+/// # Errors
+/// A bad command, an unreachable gateway, or an API error.
+pub fn commands(cmd: CommandsCommand) -> anyhow::Result<()> {
+    match cmd {
+        CommandsCommand::Send {
+            device,
+            all,
+            ttl,
+            admin,
+            command,
+        } => {
+            let body = crate::admin::SendCommand {
+                device,
+                all,
+                command: parse_command(&command)?,
+                ttl_s: Some(ttl.as_secs()),
+            };
+            let mut resp = admin
+                .agent()
+                .post(&admin.url("/api/v1/commands"))
+                .header("Authorization", &format!("Bearer {}", admin.token()?))
+                .send_json(&body)
+                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
+            let status = resp.status();
+            let text = resp.body_mut().read_to_string()?;
+            if !status.is_success() {
+                bail!("gateway answered {status}: {text}");
+            }
+            let queued: Vec<crate::admin::Queued> = serde_json::from_str(&text)?;
+            let online = queued.iter().filter(|q| q.online).count();
+            println!(
+                "queued {} command(s): {} sent to online devices, {} waiting for their device",
+                queued.len(),
+                online,
+                queued.len() - online
+            );
+            for q in queued.iter().take(20) {
+                println!("  command {} for device {}", q.id, q.device);
+            }
+        }
+        CommandsCommand::List {
+            device,
+            limit,
+            format,
+            admin,
+        } => {
+            let mut url = admin.url(&format!("/api/v1/commands?limit={limit}"));
+            if let Some(d) = device {
+                url.push_str(&format!("&device={d}"));
+            }
+            let mut resp = admin
+                .agent()
+                .get(&url)
+                .header("Authorization", &format!("Bearer {}", admin.token()?))
+                .call()
+                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
+            let status = resp.status();
+            let text = resp.body_mut().read_to_string()?;
+            if !status.is_success() {
+                bail!("gateway answered {status}: {text}");
+            }
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&text)?;
+            match format {
+                ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                ListFormat::Table => {
+                    println!(
+                        "{:>8}  {:>10}  {:<13}  {:<24}  {:<30}  result",
+                        "id", "device", "status", "updated", "command"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:>8}  {:>10}  {:<13}  {:<24}  {:<30}  {}",
+                            r["id"],
+                            r["device"],
+                            r["status"].as_str().unwrap_or(""),
+                            format_ms(r["updated_ms"].as_i64().unwrap_or(0)),
+                            r["summary"].as_str().unwrap_or(""),
+                            r["result"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `gateway certs ...`
@@ -136,6 +334,9 @@ pub struct ServeArgs {
     /// TCP listen address for control sessions [default: 0.0.0.0:4781].
     #[arg(long, env = "GATEWAY_CONTROL")]
     pub control: Option<SocketAddr>,
+    /// Listen address of the operator HTTP API [default: 127.0.0.1:4782].
+    #[arg(long, env = "GATEWAY_ADMIN")]
+    pub admin: Option<SocketAddr>,
     /// Commit durability [default: normal].
     #[arg(long, env = "GATEWAY_DURABILITY")]
     pub durability: Option<Durability>,
@@ -162,6 +363,9 @@ impl ServeArgs {
         }
         if let Some(c) = self.control {
             cfg.control.listen = c;
+        }
+        if let Some(a) = self.admin {
+            cfg.admin.listen = a;
         }
         if let Some(d) = self.durability {
             cfg.store.durability = d;

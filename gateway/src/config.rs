@@ -23,6 +23,9 @@ pub struct Config {
     /// TCP control sessions.
     #[serde(default)]
     pub control: ControlConfig,
+    /// The operator HTTP API.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Process-level settings.
     #[serde(default)]
     pub service: ServiceConfig,
@@ -103,6 +106,12 @@ fn default_missed() -> u32 {
     3
 }
 
+/// The file holding the admin token when none is configured: `admin.token` beside `db`.
+pub fn token_file(db: &Path) -> PathBuf {
+    db.parent()
+        .map_or_else(|| PathBuf::from("admin.token"), |p| p.join("admin.token"))
+}
+
 impl Config {
     /// The folder of default certificates: `certs/` beside the database.
     pub fn certs_dir(&self) -> PathBuf {
@@ -125,6 +134,32 @@ impl Default for ControlConfig {
             handshake_timeout: default_handshake_timeout(),
             heartbeat: default_heartbeat(),
             missed_heartbeats: default_missed(),
+        }
+    }
+}
+
+/// Operator HTTP API settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the API. Default `127.0.0.1:4782` (loopback only).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token. Default: the token in `admin.token` beside the database, created (mode
+    /// 0600) on first start; the CLI on the same host reads the same file.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 4782))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
         }
     }
 }

@@ -54,6 +54,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.store.path = db.clone();
     cfg.telemetry.listen = "127.0.0.1:0".parse().context("loopback address")?;
     cfg.control.listen = "127.0.0.1:0".parse().context("loopback address")?;
+    cfg.admin.listen = "127.0.0.1:0".parse().context("loopback address")?;
     let gateway = Gateway::start(&cfg).await?;
     println!(
         "gateway listening on udp://{}, database {}",

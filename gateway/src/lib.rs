@@ -10,6 +10,7 @@
 //! - [`replay`] — the per-device sliding replay window (pure).
 //! - [`store`] — SQLite: schema, devices and keys, the batched [`store::writer`], queries.
 //! - [`events`] — counters and drop reasons, the names `gateway stats` shows.
+//! - [`admin`] — the operator HTTP API (health, metrics, devices, commands).
 //! - [`cli`] — the command line verbs; `main.rs` only dispatches to them.
 //! - [`demo`] — `gateway demo`, a gateway and a simulated fleet in one process.
 //! - [`signal`] — SIGINT/SIGTERM.
@@ -20,6 +21,7 @@
 //! sender; the writer then commits everything queued, sends the owed acks, persists the
 //! counters and exits. [`Gateway::stop`] waits for that, bounded by the grace period.
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -73,6 +75,8 @@ pub struct Gateway {
     pub control_addr: SocketAddr,
     /// Whether control sessions use TLS.
     pub control_tls: bool,
+    /// Where the admin API is bound.
+    pub admin_addr: SocketAddr,
     /// Live control sessions.
     pub sessions: control::Registry,
     /// Control server counters.
@@ -186,6 +190,35 @@ impl Gateway {
             sessions.clone(),
         );
         tracker.spawn(server.run(cancel.clone(), tracker.clone()));
+        let token = admin::load_or_create_token(
+            cfg.admin.token.as_deref(),
+            &config::token_file(&cfg.store.path),
+        )
+        .map_err(|source| StartupError::Bind {
+            addr: cfg.admin.listen,
+            source,
+        })?;
+        let aaddr = cfg.admin.listen;
+        let admin_listener = admin::bind(aaddr)
+            .await
+            .map_err(|source| StartupError::Bind {
+                addr: aaddr,
+                source,
+            })?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: aaddr,
+                source,
+            })?;
+        let admin_state = Arc::new(admin::AdminState {
+            store: store.clone(),
+            sessions: sessions.clone(),
+            counters: counters.clone(),
+            control: control_counters.clone(),
+            token,
+        });
+        tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(
             store.pool().clone(),
             wal_reset_wanted,
@@ -196,6 +229,7 @@ impl Gateway {
             udp_addr,
             control_addr,
             control_tls: control_tls.is_some(),
+            admin_addr,
             sessions,
             control_counters,
             counters,

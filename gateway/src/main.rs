@@ -38,6 +38,10 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
             Some(Command::Certs(cmd)) => gateway::cli::certs(cmd),
+            Some(Command::Commands(cmd)) => {
+                // A blocking HTTP client: keep it off the runtime's workers.
+                tokio::task::spawn_blocking(move || gateway::cli::commands(cmd)).await?
+            }
         }
     })
 }
@@ -47,10 +51,11 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
     let gw = gateway::Gateway::start(&cfg).await?;
     // Tests and scripts read this line to learn the bound address (with port 0).
     println!(
-        "gateway listening on udp://{} control {}://{}",
+        "gateway listening on udp://{} control {}://{} admin http://{}",
         gw.udp_addr,
         if gw.control_tls { "tls" } else { "tcp" },
-        gw.control_addr
+        gw.control_addr,
+        gw.admin_addr
     );
     gateway::signal::shutdown()
         .await

@@ -109,6 +109,8 @@ pub struct TestGateway {
     pub udp: SocketAddr,
     /// Where it accepts control sessions.
     pub control: SocketAddr,
+    /// Where its admin API listens.
+    pub admin: SocketAddr,
     /// Its database.
     pub db: PathBuf,
 }
@@ -130,6 +132,8 @@ impl TestGateway {
                 "--udp",
                 "127.0.0.1:0",
                 "--control",
+                "127.0.0.1:0",
+                "--admin",
                 "127.0.0.1:0",
                 "--db",
             ])
@@ -161,10 +165,12 @@ impl TestGateway {
         };
         let udp = find("udp://")?;
         let control = find("tls://").or_else(|_| find("tcp://"))?;
+        let admin = find("http://")?;
         Ok(TestGateway {
             child,
             udp,
             control,
+            admin,
             db: db.to_owned(),
         })
     }

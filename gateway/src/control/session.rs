@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use proto::DeviceId;
 use proto::control::{
-    DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, decode_frame, encode_frame,
-    verify_proof,
+    CommandOutcome, DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, decode_frame,
+    encode_frame, verify_proof,
 };
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::presence::Presence;
 use crate::control::{SessionHandle, Shared};
+use crate::store::commands::CommandStatus;
 
 /// Why a connection or session ended.
 #[derive(Debug)]
@@ -221,13 +222,38 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let heartbeat = shared.cfg.heartbeat;
     let idle = heartbeat * shared.cfg.missed_heartbeats;
     let mut reason = "closed";
-    if conn
+    let welcomed = conn
         .write(&GatewayMsg::Welcome {
             heartbeat_ms: heartbeat.as_millis().min(u128::from(u32::MAX)) as u32,
         })
         .await
-        .is_err()
-    {
+        .is_ok();
+    // Commands owed to the device (queued while it was away, or sent without an answer).
+    let owed = if welcomed {
+        shared
+            .store
+            .pending_commands(device)
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut delivered = welcomed;
+    for (id, command) in owed {
+        if conn
+            .write(&GatewayMsg::Command { id, command })
+            .await
+            .is_err()
+        {
+            delivered = false;
+            break;
+        }
+        let _ = shared
+            .store
+            .set_command_status(id, CommandStatus::Sent, None)
+            .await;
+    }
+    if !delivered {
         reason = "error";
     } else {
         let mut last_seen = Instant::now();
@@ -243,6 +269,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     if conn.write(&out).await.is_err() {
                         reason = "error";
                         break;
+                    }
+                    if let GatewayMsg::Command { id, .. } = out {
+                        let _ = shared.store.set_command_status(id, CommandStatus::Sent, None).await;
                     }
                 }
                 msg = timeout(idle, conn.read()) => match msg {
@@ -260,11 +289,29 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                             last_seen = Instant::now();
                             let _ = shared.presence.send(Presence::Seen(device)).await;
                         }
-                        if matches!(msg, DeviceMsg::Heartbeat)
-                            && conn.write(&GatewayMsg::HeartbeatAck).await.is_err()
-                        {
-                            reason = "error";
-                            break;
+                        match msg {
+                            DeviceMsg::Heartbeat
+                                if conn.write(&GatewayMsg::HeartbeatAck).await.is_err() =>
+                            {
+                                reason = "error";
+                                break;
+                            }
+                            DeviceMsg::CommandResult { id, outcome, detail } => {
+                                let (status, what) = match outcome {
+                                    CommandOutcome::Done => (CommandStatus::Acknowledged, "done"),
+                                    CommandOutcome::Duplicate => {
+                                        (CommandStatus::Acknowledged, "duplicate")
+                                    }
+                                    CommandOutcome::Failed => (CommandStatus::Failed, "failed"),
+                                };
+                                let text = if detail.is_empty() {
+                                    what.to_owned()
+                                } else {
+                                    format!("{what}: {detail}")
+                                };
+                                let _ = shared.store.command_answered(device, id, status, &text).await;
+                            }
+                            _ => {}
                         }
                     }
                 },

@@ -6,6 +6,7 @@
 //! them proceed without blocking the writer).
 
 pub mod checkpoint;
+pub mod commands;
 pub mod query;
 pub mod writer;
 

@@ -1,0 +1,339 @@
+//! The operator interface: a small HTTP API on loopback, guarded by a bearer token, through which
+//! the CLI talks to a running gateway. `/healthz` is open; everything else needs the token.
+//!
+//! - `GET /healthz`: `ok` while the gateway serves.
+//! - `GET /metrics`: Prometheus text format.
+//! - `GET /api/v1/devices`: devices with counts and presence.
+//! - `POST /api/v1/commands`: queue a command for one device or all (JSON, see [`SendCommand`]).
+//! - `GET /api/v1/commands?device=ID&limit=N`: commands with status and result, newest first.
+//!
+//! Emits: `warn` for rejected tokens (rate-limited by nature: each is one request).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use proto::DeviceId;
+use proto::control::{Command, GatewayMsg};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::control::{ControlCounters, Registry};
+use crate::events::Counters;
+use crate::store::Store;
+
+/// What the API handlers share.
+pub struct AdminState {
+    /// The database.
+    pub store: Store,
+    /// Live control sessions.
+    pub sessions: Registry,
+    /// Ingest and writer counters.
+    pub counters: Arc<Counters>,
+    /// Control counters.
+    pub control: Arc<ControlCounters>,
+    /// The bearer token.
+    pub token: String,
+}
+
+/// The token: the configured one, or the one in `file` (created with mode 0600 when missing).
+///
+/// # Errors
+/// When the file cannot be read or written.
+pub fn load_or_create_token(configured: Option<&str>, file: &Path) -> std::io::Result<String> {
+    if let Some(t) = configured {
+        return Ok(t.to_owned());
+    }
+    if let Ok(t) = std::fs::read_to_string(file) {
+        let t = t.trim();
+        if !t.is_empty() {
+            return Ok(t.to_owned());
+        }
+    }
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let token = hex::encode(bytes);
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(file)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+/// A command as the API takes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum CommandSpec {
+    /// `{"type":"ping"}`
+    Ping,
+    /// `{"type":"set-interval","millis":500}`
+    SetInterval {
+        /// Milliseconds between datagrams.
+        millis: u32,
+    },
+    /// `{"type":"reboot"}`
+    Reboot,
+    /// `{"type":"set-config","pairs":[["k","v"]]}`
+    SetConfig {
+        /// Key/value pairs.
+        pairs: Vec<(String, String)>,
+    },
+    /// `{"type":"custom","hex":"00ff"}`
+    Custom {
+        /// Payload as hex.
+        hex: String,
+    },
+}
+
+impl CommandSpec {
+    /// The protocol command.
+    ///
+    /// # Errors
+    /// A message for an invalid payload.
+    pub fn to_command(&self) -> Result<Command, String> {
+        Ok(match self {
+            CommandSpec::Ping => Command::Ping,
+            CommandSpec::SetInterval { millis } if *millis > 0 => {
+                Command::SetInterval { millis: *millis }
+            }
+            CommandSpec::SetInterval { .. } => return Err("millis must be positive".into()),
+            CommandSpec::Reboot => Command::Reboot,
+            CommandSpec::SetConfig { pairs } => Command::SetConfig {
+                pairs: pairs.clone(),
+            },
+            CommandSpec::Custom { hex } => Command::Custom {
+                payload: hex::decode(hex).map_err(|_| "custom payload is not hex".to_owned())?,
+            },
+        })
+    }
+}
+
+/// Body of `POST /api/v1/commands`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendCommand {
+    /// Target device; omit with `all`.
+    #[serde(default)]
+    pub device: Option<u32>,
+    /// Every provisioned device.
+    #[serde(default)]
+    pub all: bool,
+    /// The command.
+    pub command: CommandSpec,
+    /// How long an undelivered command stays queued, seconds (default one day).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+/// One queued command in the answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Queued {
+    /// Device.
+    pub device: u32,
+    /// Command id.
+    pub id: u64,
+    /// Whether the device was online and the command went straight to its session.
+    pub online: bool,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+async fn auth(State(state): State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), state.token.as_bytes()));
+    if !ok {
+        tracing::warn!("admin request with a missing or wrong token");
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn devices(State(state): State<Arc<AdminState>>) -> Response {
+    match state.store.list_devices().await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn send_command(
+    State(state): State<Arc<AdminState>>,
+    Json(req): Json<SendCommand>,
+) -> Response {
+    let command = match req.command.to_command() {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let targets = match (req.device, req.all) {
+        (Some(d), false) => match state.store.device_key(DeviceId(d)).await {
+            Ok(Some(_)) => vec![DeviceId(d)],
+            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {d}")),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        (None, true) => match state.store.device_ids().await {
+            Ok(ids) => ids,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        _ => return error(StatusCode::BAD_REQUEST, "give either device or all"),
+    };
+    let ttl_ms = req
+        .ttl_s
+        .unwrap_or(86_400)
+        .saturating_mul(1000)
+        .min(i64::MAX as u64) as i64;
+    let queued = match state
+        .store
+        .enqueue_commands(&targets, &command, ttl_ms)
+        .await
+    {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut out = Vec::with_capacity(queued.len());
+    for (device, id) in queued {
+        let handle = state
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&device)
+            .cloned();
+        // Online: hand it to the session now. Offline or a full session queue: it stays queued
+        // and the device gets it when it (re)connects.
+        let online = handle.is_some_and(|h| {
+            h.tx.try_send(GatewayMsg::Command {
+                id,
+                command: command.clone(),
+            })
+            .is_ok()
+        });
+        out.push(Queued {
+            device: device.0,
+            id: id.0,
+            online,
+        });
+    }
+    (StatusCode::CREATED, Json(out)).into_response()
+}
+
+/// Query of `GET /api/v1/commands`.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    device: Option<u32>,
+    limit: Option<i64>,
+}
+
+async fn list_commands(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 100_000);
+    match state
+        .store
+        .list_commands(q.device.map(DeviceId), limit)
+        .await
+    {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let mut out = String::new();
+    for (name, value, gauge) in state.counters.snapshot() {
+        let kind = if gauge { "gauge" } else { "counter" };
+        let metric = if gauge {
+            format!("gateway_{name}")
+        } else {
+            format!("gateway_{name}_total")
+        };
+        out.push_str(&format!("# TYPE {metric} {kind}\n{metric} {value}\n"));
+    }
+    let c = &state.control;
+    for (name, v) in [
+        ("control_sessions_authenticated", &c.sessions_authenticated),
+        ("control_rejected_busy", &c.rejected_busy),
+        ("control_rejected_handshake", &c.rejected_handshake),
+        ("control_rejected_auth", &c.rejected_auth),
+        ("control_sessions_replaced", &c.sessions_replaced),
+    ] {
+        out.push_str(&format!(
+            "# TYPE gateway_{name}_total counter\ngateway_{name}_total {}\n",
+            v.load(Relaxed)
+        ));
+    }
+    let online = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
+    out.push_str(&format!(
+        "# TYPE gateway_control_sessions_online gauge\ngateway_control_sessions_online {online}\n"
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The router.
+pub fn router(state: Arc<AdminState>) -> Router {
+    let api = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/commands", post(send_command).get(list_commands))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `cancel` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AdminState>,
+    cancel: CancellationToken,
+) {
+    let app = router(state);
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+    {
+        tracing::warn!(%error, "admin API stopped with an error");
+    }
+}
+
+/// Binds the admin listener.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
