@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use proto::control::{
-    Command, CommandOutcome, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, auth_proof,
-    decode_frame, encode_frame,
+    Command, CommandOutcome, DeviceConfig, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL,
+    auth_proof, decode_frame, encode_frame,
 };
 use proto::{DeviceId, DeviceKey};
 use rand::rngs::SmallRng;
@@ -63,6 +63,66 @@ pub fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// A device's running configuration, changed by commands and config pushes, read by its
+/// telemetry loop.
+#[derive(Debug)]
+pub struct LiveConfig {
+    /// Milliseconds between datagrams.
+    pub period_ms: AtomicU64,
+    /// Readings per datagram.
+    pub batch: AtomicU64,
+    /// Bit `i` set when sensor `i + 1` is on (sensors 1..=64).
+    pub sensors: AtomicU64,
+}
+
+impl LiveConfig {
+    /// A configuration with all four model sensors on.
+    pub fn new(period_ms: u64, batch: u64) -> Self {
+        Self {
+            period_ms: AtomicU64::new(period_ms.max(1)),
+            batch: AtomicU64::new(batch),
+            sensors: AtomicU64::new(0b1111),
+        }
+    }
+
+    /// The enabled sensor ids, ascending.
+    pub fn sensor_ids(&self) -> Vec<u16> {
+        let mask = self.sensors.load(Relaxed);
+        (0..64u16)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| i + 1)
+            .collect()
+    }
+
+    fn report(&self) -> DeviceConfig {
+        DeviceConfig {
+            interval_ms: self.period_ms.load(Relaxed).min(u64::from(u32::MAX)) as u32,
+            batch: self.batch.load(Relaxed).min(u64::from(u16::MAX)) as u16,
+            sensors: self.sensor_ids(),
+        }
+    }
+
+    /// Applies a pushed configuration; false when it cannot be honoured.
+    fn apply(&self, c: &DeviceConfig) -> bool {
+        let mask = c
+            .sensors
+            .iter()
+            .filter(|s| (1..=64).contains(*s))
+            .fold(0u64, |m, s| m | 1 << (s - 1));
+        if c.interval_ms == 0
+            || c.batch == 0
+            || usize::from(c.batch) > proto::MAX_READINGS
+            || mask == 0
+        {
+            return false;
+        }
+        self.period_ms.store(u64::from(c.interval_ms), Relaxed);
+        self.batch.store(u64::from(c.batch), Relaxed);
+        self.sensors.store(mask, Relaxed);
+        true
+    }
 }
 
 /// Live totals of control sessions, for progress displays and tests.
@@ -129,7 +189,7 @@ pub(crate) async fn run(
     device: DeviceId,
     key: DeviceKey,
     target: ControlTarget,
-    period_ms: Arc<AtomicU64>,
+    live: Arc<LiveConfig>,
     progress: Arc<crate::Progress>,
     seed: u64,
     cancel: CancellationToken,
@@ -141,7 +201,7 @@ pub(crate) async fn run(
     loop {
         let end = tokio::select! {
             _ = cancel.cancelled() => SessionEnd::Cancelled,
-            end = session(device, &key, &target, &period_ms, &progress.control, &mut outcome, &mut applied, &mut backoff, &cancel) => end,
+            end = session(device, &key, &target, &live, &progress.control, &mut outcome, &mut applied, &mut backoff, &cancel) => end,
         };
         if matches!(end, SessionEnd::Cancelled) {
             return outcome;
@@ -162,7 +222,7 @@ async fn session(
     device: DeviceId,
     key: &DeviceKey,
     target: &ControlTarget,
-    period_ms: &AtomicU64,
+    live: &LiveConfig,
     progress: &ControlProgress,
     outcome: &mut ControlOutcome,
     applied: &mut std::collections::HashSet<u64>,
@@ -193,8 +253,8 @@ async fn session(
                 buf: Vec::new(),
                 out: Vec::new(),
             };
-            live(
-                conn, device, key, &binding, period_ms, progress, outcome, applied, backoff, cancel,
+            run_session(
+                conn, device, key, &binding, live, progress, outcome, applied, backoff, cancel,
             )
             .await
         }
@@ -204,12 +264,12 @@ async fn session(
                 buf: Vec::new(),
                 out: Vec::new(),
             };
-            live(
+            run_session(
                 conn,
                 device,
                 key,
                 &[],
-                period_ms,
+                live,
                 progress,
                 outcome,
                 applied,
@@ -222,12 +282,12 @@ async fn session(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn live<S: AsyncRead + AsyncWrite + Unpin>(
+async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Conn<S>,
     device: DeviceId,
     key: &DeviceKey,
     binding: &[u8],
-    period_ms: &AtomicU64,
+    live: &LiveConfig,
     progress: &ControlProgress,
     outcome: &mut ControlOutcome,
     applied: &mut std::collections::HashSet<u64>,
@@ -261,6 +321,16 @@ async fn live<S: AsyncRead + AsyncWrite + Unpin>(
     progress.online.fetch_add(1, Relaxed);
     let mut beat = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(100))));
     beat.tick().await;
+    // Tell the gateway what runs now.
+    if !conn
+        .write(&DeviceMsg::ConfigReport {
+            config: live.report(),
+        })
+        .await
+    {
+        progress.online.fetch_sub(1, Relaxed);
+        return SessionEnd::Dropped;
+    }
     let end = loop {
         tokio::select! {
             _ = cancel.cancelled() => break SessionEnd::Cancelled,
@@ -275,7 +345,7 @@ async fn live<S: AsyncRead + AsyncWrite + Unpin>(
                     let outcome_kind = if applied.insert(id.0) {
                         outcome.commands += 1;
                         progress.commands.fetch_add(1, Relaxed);
-                        apply(&command, period_ms)
+                        apply(&command, live)
                     } else {
                         CommandOutcome::Duplicate
                     };
@@ -288,6 +358,13 @@ async fn live<S: AsyncRead + AsyncWrite + Unpin>(
                         break SessionEnd::Dropped;
                     }
                 }
+                Some(GatewayMsg::Config { config }) => {
+                    live.apply(&config);
+                    // Report what runs, whether or not the push could be honoured.
+                    if !conn.write(&DeviceMsg::ConfigReport { config: live.report() }).await {
+                        break SessionEnd::Dropped;
+                    }
+                }
                 Some(_) => {}
             },
         }
@@ -296,10 +373,10 @@ async fn live<S: AsyncRead + AsyncWrite + Unpin>(
     end
 }
 
-fn apply(command: &Command, period_ms: &AtomicU64) -> CommandOutcome {
+fn apply(command: &Command, live: &LiveConfig) -> CommandOutcome {
     match command {
         Command::SetInterval { millis } if *millis > 0 => {
-            period_ms.store(u64::from(*millis), Relaxed);
+            live.period_ms.store(u64::from(*millis), Relaxed);
             CommandOutcome::Done
         }
         Command::SetInterval { .. } => CommandOutcome::Failed,

@@ -16,7 +16,7 @@ use tokio::net::UdpSocket;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{SENSORS, SensorModel};
+use crate::model::SensorModel;
 use crate::report::{DeviceReport, Progress};
 use crate::{Faults, SentReading};
 
@@ -41,7 +41,6 @@ pub(crate) struct DeviceSpec {
 pub(crate) struct Behaviour {
     pub period: Duration,
     pub batch: usize,
-    pub reading_interval_ms: f64,
     pub ack: bool,
     pub retries: u32,
     pub ack_timeout: Duration,
@@ -71,8 +70,8 @@ pub(crate) struct Device {
     report: DeviceReport,
     sent: Vec<SentReading>,
     sample_index: u64,
-    /// Datagram period in ms; a `set-interval` command changes it.
-    period_ms: Arc<AtomicU64>,
+    /// Period, batch and sensors; commands and config pushes change them.
+    live: Arc<crate::control::LiveConfig>,
     key: proto::DeviceKey,
 }
 
@@ -90,7 +89,10 @@ impl Device {
         );
         let model = SensorModel::new(&mut rng);
         let seq = spec.first_seq;
-        let period_ms = Arc::new(AtomicU64::new(b.period.as_millis().max(1) as u64));
+        let live = Arc::new(crate::control::LiveConfig::new(
+            b.period.as_millis() as u64,
+            b.batch as u64,
+        ));
         let report = DeviceReport {
             id: spec.id.0,
             ..Default::default()
@@ -107,7 +109,7 @@ impl Device {
             report,
             sent: Vec::new(),
             sample_index: 0,
-            period_ms,
+            live,
             key,
         }
     }
@@ -128,7 +130,7 @@ impl Device {
             self.spec.id,
             self.key.clone(),
             target,
-            self.period_ms.clone(),
+            self.live.clone(),
             self.b.progress.clone(),
             self.b.seed,
             stop_control.clone(),
@@ -152,7 +154,7 @@ impl Device {
     ) -> (DeviceReport, Vec<SentReading>) {
         let phase = self.rng.random_range(0.0..1.0);
         let start = Instant::now() + self.b.period.mul_f64(phase);
-        let mut period = self.period_ms.load(Relaxed);
+        let mut period = self.live.period_ms.load(Relaxed);
         let mut tick = tokio::time::interval_at(start, Duration::from_millis(period));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut buf = [0u8; 64];
@@ -178,7 +180,7 @@ impl Device {
                 }
                 _ = tick.tick(), if sending => {
                     self.send_next().await;
-                    let now = self.period_ms.load(Relaxed);
+                    let now = self.live.period_ms.load(Relaxed);
                     if now != period {
                         period = now;
                         let p = Duration::from_millis(period);
@@ -215,12 +217,18 @@ impl Device {
         self.seq += 1;
         self.spec.next_seq.store(self.seq, Relaxed);
         let now = now_ms();
-        let n = self.b.batch;
+        let n = (self.live.batch.load(Relaxed) as usize).clamp(1, proto::MAX_READINGS);
+        let mut sensors = self.live.sensor_ids();
+        if sensors.is_empty() {
+            // `LiveConfig` never stores an empty set; stay safe if that ever changes.
+            sensors.push(1);
+        }
+        let spacing = self.live.period_ms.load(Relaxed) as f64 / n as f64;
         let mut readings = Vec::with_capacity(n);
         for i in 0..n {
-            let back = ((n - 1 - i) as f64 * self.b.reading_interval_ms) as u64;
+            let back = ((n - 1 - i) as f64 * spacing) as u64;
             let ts = now.saturating_sub(back);
-            let sensor = (self.sample_index % u64::from(SENSORS)) as u16 + 1;
+            let sensor = sensors[(self.sample_index % sensors.len() as u64) as usize];
             self.sample_index += 1;
             let value = self.model.sample(sensor, ts, &mut self.rng);
             readings.push(Reading {

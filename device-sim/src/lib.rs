@@ -195,7 +195,6 @@ pub async fn run(
     let behaviour = Behaviour {
         period,
         batch: cfg.batch,
-        reading_interval_ms: 1000.0 / cfg.rate,
         ack: cfg.ack,
         retries: cfg.retries,
         ack_timeout: cfg.ack_timeout,

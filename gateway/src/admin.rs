@@ -6,15 +6,15 @@
 //! - `GET /api/v1/devices`: devices with counts and presence.
 //! - `POST /api/v1/commands`: queue a command for one device or all (JSON, see [`SendCommand`]).
 //! - `GET /api/v1/commands?device=ID&limit=N`: commands with status and result, newest first.
+//! - `GET|PUT /api/v1/devices/{id}/config`: desired and reported configuration.
 //!
 //! Emits: `warn` for rejected tokens (rate-limited by nature: each is one request).
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::{ControlCounters, Registry};
 use crate::events::Counters;
 use crate::store::Store;
+use crate::store::config::ConfigJson;
 
 /// What the API handlers share.
 pub struct AdminState {
@@ -48,7 +49,10 @@ pub struct AdminState {
 ///
 /// # Errors
 /// When the file cannot be read or written.
-pub fn load_or_create_token(configured: Option<&str>, file: &Path) -> std::io::Result<String> {
+pub fn load_or_create_token(
+    configured: Option<&str>,
+    file: &std::path::Path,
+) -> std::io::Result<String> {
     if let Some(t) = configured {
         return Ok(t.to_owned());
     }
@@ -245,6 +249,50 @@ async fn send_command(
     (StatusCode::CREATED, Json(out)).into_response()
 }
 
+async fn get_config(State(state): State<Arc<AdminState>>, Path(id): Path<u32>) -> Response {
+    match state.store.device_key(DeviceId(id)).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {id}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    match state.store.device_config(DeviceId(id)).await {
+        Ok(pair) => Json(pair).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn put_config(
+    State(state): State<Arc<AdminState>>,
+    Path(id): Path<u32>,
+    Json(config): Json<ConfigJson>,
+) -> Response {
+    if let Err(e) = config.validate() {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    match state.store.device_key(DeviceId(id)).await {
+        Ok(Some(_)) => {}
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {id}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    if let Err(e) = state.store.set_desired_config(DeviceId(id), &config).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let handle = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&DeviceId(id))
+        .cloned();
+    // Online: push it now. Otherwise the session sends it when the device connects.
+    let online = handle.is_some_and(|h| {
+        h.tx.try_send(GatewayMsg::Config {
+            config: (&config).into(),
+        })
+        .is_ok()
+    });
+    Json(serde_json::json!({ "device": id, "online": online })).into_response()
+}
+
 /// Query of `GET /api/v1/commands`.
 #[derive(Debug, Deserialize)]
 struct ListQuery {
@@ -308,6 +356,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/commands", post(send_command).get(list_commands))
+        .route(
+            "/api/v1/devices/{id}/config",
+            get(get_config).put(put_config),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))

@@ -414,6 +414,24 @@ pub enum DevicesCommand {
         #[command(flatten)]
         db: DbArg,
     },
+    /// Show a device's desired and reported configuration, or set the desired one (through the
+    /// running gateway; pushed at once to an online device, else when it connects).
+    Config {
+        /// The device.
+        #[arg(long)]
+        device: u32,
+        /// Milliseconds between datagrams.
+        #[arg(long)]
+        interval_ms: Option<u32>,
+        /// Readings per datagram.
+        #[arg(long)]
+        batch: Option<u16>,
+        /// Sensors that are on, e.g. 1,2,4.
+        #[arg(long, value_delimiter = ',')]
+        sensors: Vec<u16>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List devices with their counts (keys are never shown).
     List {
         /// Output format.
@@ -585,6 +603,20 @@ pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
                 path.display()
             )?;
         }
+        DevicesCommand::Config {
+            device,
+            interval_ms,
+            batch,
+            sensors,
+            admin,
+        } => {
+            drop(out);
+            let set = interval_ms.is_some() || batch.is_some() || !sensors.is_empty();
+            tokio::task::spawn_blocking(move || {
+                device_config(&admin, device, set.then_some((interval_ms, batch, sensors)))
+            })
+            .await??;
+        }
         DevicesCommand::List { format, db } => {
             let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
             let rows = store.list_devices().await?;
@@ -592,6 +624,83 @@ pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
             print_devices(&mut out, &rows, format)?;
         }
     }
+    Ok(())
+}
+
+type ConfigChange = (Option<u32>, Option<u16>, Vec<u16>);
+
+fn device_config(
+    admin: &AdminArgs,
+    device: u32,
+    change: Option<ConfigChange>,
+) -> anyhow::Result<()> {
+    use crate::store::config::{ConfigJson, ConfigPair};
+    let url = admin.url(&format!("/api/v1/devices/{device}/config"));
+    let auth = format!("Bearer {}", admin.token()?);
+    let agent = admin.agent();
+    let reach = || format!("reaching the gateway at {}", admin.admin);
+    let mut resp = agent
+        .get(&url)
+        .header("Authorization", &auth)
+        .call()
+        .with_context(reach)?;
+    let text = resp.body_mut().read_to_string()?;
+    if !resp.status().is_success() {
+        bail!("gateway answered {}: {text}", resp.status());
+    }
+    let pair: ConfigPair = serde_json::from_str(&text)?;
+    let show = |c: &Option<ConfigJson>| {
+        c.as_ref().map_or_else(
+            || "none".to_owned(),
+            |c| {
+                format!(
+                    "interval {} ms, batch {}, sensors {:?}",
+                    c.interval_ms, c.batch, c.sensors
+                )
+            },
+        )
+    };
+    let Some((interval_ms, batch, sensors)) = change else {
+        println!("device {device}");
+        println!("  desired   {}", show(&pair.desired));
+        println!("  reported  {}", show(&pair.reported));
+        println!("  in sync   {}", if pair.in_sync { "yes" } else { "no" });
+        return Ok(());
+    };
+    let base = pair.desired.or(pair.reported);
+    let config = ConfigJson {
+        interval_ms: interval_ms
+            .or(base.as_ref().map(|b| b.interval_ms))
+            .context("give --interval-ms (nothing known to start from)")?,
+        batch: batch
+            .or(base.as_ref().map(|b| b.batch))
+            .context("give --batch (nothing known to start from)")?,
+        sensors: if sensors.is_empty() {
+            base.map(|b| b.sensors)
+                .context("give --sensors (nothing known to start from)")?
+        } else {
+            sensors
+        },
+    };
+    let mut resp = agent
+        .put(&url)
+        .header("Authorization", &auth)
+        .send_json(&config)
+        .with_context(reach)?;
+    let text = resp.body_mut().read_to_string()?;
+    if !resp.status().is_success() {
+        bail!("gateway answered {}: {text}", resp.status());
+    }
+    let answer: serde_json::Value = serde_json::from_str(&text)?;
+    println!(
+        "device {device}: desired configuration set ({}); {}",
+        show(&Some(config)),
+        if answer["online"] == true {
+            "pushed to the online device"
+        } else {
+            "it will be pushed when the device connects"
+        }
+    );
     Ok(())
 }
 

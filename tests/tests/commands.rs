@@ -134,3 +134,92 @@ fn commands_for_offline_devices_wait_and_are_delivered_once() -> anyhow::Result<
     gw.stop()?;
     Ok(())
 }
+
+fn device_config(gw: &TestGateway, args: &[&str]) -> anyhow::Result<String> {
+    let admin = gw.admin.to_string();
+    let mut all = vec!["devices", "config"];
+    all.extend_from_slice(args);
+    all.extend(["--admin", &admin, "--db", path(&gw.db)]);
+    gateway(&all)
+}
+
+#[test]
+fn pushed_configuration_is_applied_and_reported() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 2)?;
+    let gw = TestGateway::start(&db, &[])?;
+    // Desired before the device ever connected: pushed when it does.
+    let out = device_config(
+        &gw,
+        &[
+            "--device",
+            "2",
+            "--interval-ms",
+            "300",
+            "--batch",
+            "2",
+            "--sensors",
+            "3",
+        ],
+    )?;
+    assert!(out.contains("when the device connects"), "{out}");
+    let ca = dir.path().join("certs/ca.pem");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--rate", "8", "--batch", "8", "--duration", "120s"])
+        .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn()?;
+    wait_until(Duration::from_secs(30), "device 2 in sync", || {
+        Ok(device_config(&gw, &["--device", "2"])?.contains("in sync   yes"))
+    })?;
+    // Device 1 reported its own configuration on connect; change one field of it.
+    wait_until(Duration::from_secs(30), "device 1 reported", || {
+        Ok(device_config(&gw, &["--device", "1"])?.contains("reported  interval 1000 ms"))
+    })?;
+    let out = device_config(&gw, &["--device", "1", "--sensors", "1,2"])?;
+    assert!(out.contains("pushed to the online device"), "{out}");
+    wait_until(Duration::from_secs(30), "device 1 in sync", || {
+        Ok(device_config(&gw, &["--device", "1"])?.contains("in sync   yes"))
+    })?;
+    let since = now_ms() + 1000;
+    wait_until(
+        Duration::from_secs(30),
+        "readings under the new configuration",
+        || Ok(readings_since(&db, 2, since)? >= 8 && readings_since(&db, 1, since)? >= 16),
+    )?;
+    let stored = query_all(&db)?;
+    let recent = |d: u32| {
+        stored
+            .iter()
+            .filter(move |((dev, _, _), (_, ts, _))| *dev == d && *ts >= since)
+    };
+    assert!(
+        recent(2).all(|(_, (sensor, _, _))| *sensor == 3),
+        "device 2 only sensor 3"
+    );
+    assert!(
+        recent(2).all(|((_, _, idx), _)| *idx < 2),
+        "device 2 batches of 2"
+    );
+    assert!(recent(1).all(|(_, (sensor, _, _))| *sensor == 1 || *sensor == 2));
+    let err = gateway(&[
+        "devices",
+        "config",
+        "--device",
+        "1",
+        "--batch",
+        "99",
+        "--admin",
+        &gw.admin.to_string(),
+        "--db",
+        path(&db),
+    ])
+    .unwrap_err();
+    assert!(err.to_string().contains("batch must be"), "{err}");
+    signal(child.id(), "INT")?;
+    child.wait()?;
+    gw.stop()?;
+    Ok(())
+}

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::presence::Presence;
 use crate::control::{SessionHandle, Shared};
 use crate::store::commands::CommandStatus;
+use crate::store::config::ConfigJson;
 
 /// Why a connection or session ended.
 #[derive(Debug)]
@@ -239,6 +240,19 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         Vec::new()
     };
     let mut delivered = welcomed;
+    // The desired configuration, if the operator set one.
+    if delivered
+        && let Ok(pair) = shared.store.device_config(device).await
+        && let Some(desired) = &pair.desired
+        && conn
+            .write(&GatewayMsg::Config {
+                config: desired.into(),
+            })
+            .await
+            .is_err()
+    {
+        delivered = false;
+    }
     for (id, command) in owed {
         if conn
             .write(&GatewayMsg::Command { id, command })
@@ -295,6 +309,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                             {
                                 reason = "error";
                                 break;
+                            }
+                            DeviceMsg::ConfigReport { config } => {
+                                let json = ConfigJson::from(&config);
+                                let _ = shared.store.set_reported_config(device, &json).await;
                             }
                             DeviceMsg::CommandResult { id, outcome, detail } => {
                                 let (status, what) = match outcome {

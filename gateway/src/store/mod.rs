@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod commands;
+pub mod config;
 pub mod query;
 pub mod writer;
 
