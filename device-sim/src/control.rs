@@ -5,14 +5,14 @@
 //! Emits: nothing; its outcome is counted in the device's report and in [`ControlProgress`].
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use proto::control::{
     Command, CommandOutcome, DeviceConfig, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL,
-    auth_proof, decode_frame, encode_frame,
+    TransferId, auth_proof, decode_frame, encode_frame,
 };
 use proto::{DeviceId, DeviceKey};
 use rand::rngs::SmallRng;
@@ -30,6 +30,8 @@ pub struct ControlTarget {
     pub addr: SocketAddr,
     /// TLS client settings and the name to verify; None for plain TCP.
     pub tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// Where received files go (a folder per device inside).
+    pub files_dir: PathBuf,
 }
 
 impl std::fmt::Debug for ControlTarget {
@@ -142,6 +144,7 @@ pub(crate) struct ControlOutcome {
     pub sessions: u64,
     pub failures: u64,
     pub commands: u64,
+    pub files: Vec<crate::report::FileReport>,
 }
 
 /// Why a session ended.
@@ -197,13 +200,15 @@ pub(crate) async fn run(
     let mut rng = SmallRng::seed_from_u64(seed ^ u64::from(device.0) ^ 0xC0DE);
     let mut outcome = ControlOutcome::default();
     let mut applied = std::collections::HashSet::new();
+    let mut sink = FileSink::new(target.files_dir.join(device.0.to_string()));
     let mut backoff = Duration::from_millis(100);
     loop {
         let end = tokio::select! {
             _ = cancel.cancelled() => SessionEnd::Cancelled,
-            end = session(device, &key, &target, &live, &progress.control, &mut outcome, &mut applied, &mut backoff, &cancel) => end,
+            end = session(device, &key, &target, &live, &progress.control, &mut outcome, &mut applied, &mut sink, &mut backoff, &cancel) => end,
         };
         if matches!(end, SessionEnd::Cancelled) {
+            outcome.files = std::mem::take(&mut sink.done);
             return outcome;
         }
         outcome.failures += 1;
@@ -211,7 +216,10 @@ pub(crate) async fn run(
         let wait = backoff.mul_f64(rng.random_range(0.5..1.0));
         backoff = (backoff * 2).min(Duration::from_secs(10));
         tokio::select! {
-            _ = cancel.cancelled() => return outcome,
+            _ = cancel.cancelled() => {
+                outcome.files = std::mem::take(&mut sink.done);
+                return outcome;
+            }
             _ = tokio::time::sleep(wait) => {}
         }
     }
@@ -226,6 +234,7 @@ async fn session(
     progress: &ControlProgress,
     outcome: &mut ControlOutcome,
     applied: &mut std::collections::HashSet<u64>,
+    sink: &mut FileSink,
     backoff: &mut Duration,
     cancel: &CancellationToken,
 ) -> SessionEnd {
@@ -254,7 +263,8 @@ async fn session(
                 out: Vec::new(),
             };
             run_session(
-                conn, device, key, &binding, live, progress, outcome, applied, backoff, cancel,
+                conn, device, key, &binding, live, progress, outcome, applied, sink, backoff,
+                cancel,
             )
             .await
         }
@@ -273,6 +283,7 @@ async fn session(
                 progress,
                 outcome,
                 applied,
+                sink,
                 backoff,
                 cancel,
             )
@@ -291,6 +302,7 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     progress: &ControlProgress,
     outcome: &mut ControlOutcome,
     applied: &mut std::collections::HashSet<u64>,
+    sink: &mut FileSink,
     backoff: &mut Duration,
     cancel: &CancellationToken,
 ) -> SessionEnd {
@@ -358,6 +370,25 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                         break SessionEnd::Dropped;
                     }
                 }
+                Some(GatewayMsg::FileOffer { transfer, name, size, sha256 }) => {
+                    let Ok(reply) = sink.offer(transfer, &name, size, sha256).await else {
+                        break SessionEnd::Dropped;
+                    };
+                    if !conn.write(&reply).await {
+                        break SessionEnd::Dropped;
+                    }
+                }
+                Some(GatewayMsg::FileChunk { transfer, offset, data }) => {
+                    match sink.chunk(transfer, offset, &data).await {
+                        Ok(Some(reply)) => {
+                            if !conn.write(&reply).await {
+                                break SessionEnd::Dropped;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(_) => break SessionEnd::Dropped,
+                    }
+                }
                 Some(GatewayMsg::Config { config }) => {
                     live.apply(&config);
                     // Report what runs, whether or not the push could be honoured.
@@ -383,5 +414,169 @@ fn apply(command: &Command, live: &LiveConfig) -> CommandOutcome {
         Command::Ping | Command::Reboot | Command::SetConfig { .. } | Command::Custom { .. } => {
             CommandOutcome::Done
         }
+    }
+}
+
+/// A file being received.
+struct Receiving {
+    transfer: TransferId,
+    name: String,
+    size: u64,
+    sha256: [u8; 32],
+    part: PathBuf,
+    file: tokio::fs::File,
+    have: u64,
+    resumed_from: Vec<u64>,
+}
+
+/// Receives files offered over the session into `dir/<device id>/`, resuming partial ones.
+pub(crate) struct FileSink {
+    dir: PathBuf,
+    current: Option<Receiving>,
+    /// Resume offsets seen per transfer (kept across sessions for the report).
+    resumes: std::collections::HashMap<u64, Vec<u64>>,
+    pub(crate) done: Vec<crate::report::FileReport>,
+}
+
+/// Keeps letters, digits, `.`, `-` and `_`; no separators, no leading dots.
+fn safe_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    let s = s.trim_start_matches('.').to_owned();
+    if s.is_empty() { "file".into() } else { s }
+}
+
+impl FileSink {
+    pub(crate) fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            current: None,
+            resumes: Default::default(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Answers an offer with the offset to resume from (what a `.part` of the same transfer
+    /// already holds).
+    async fn offer(
+        &mut self,
+        transfer: TransferId,
+        name: &str,
+        size: u64,
+        sha256: [u8; 32],
+    ) -> std::io::Result<DeviceMsg> {
+        use tokio::io::AsyncSeekExt;
+        tokio::fs::create_dir_all(&self.dir).await?;
+        let name = safe_name(name);
+        let part = self.dir.join(format!("{name}.part"));
+        let meta = self.dir.join(format!("{name}.part.meta"));
+        let tag = format!("{} {} {}", transfer.0, hex::encode(sha256), size);
+        let same = tokio::fs::read_to_string(&meta)
+            .await
+            .is_ok_and(|m| m == tag);
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .read(true)
+            .truncate(false)
+            .open(&part)
+            .await?;
+        let mut have = if same {
+            file.metadata().await?.len().min(size)
+        } else {
+            0
+        };
+        if !same {
+            file.set_len(0).await?;
+            tokio::fs::write(&meta, &tag).await?;
+        }
+        file.set_len(have).await?;
+        file.seek(std::io::SeekFrom::Start(have)).await?;
+        if have > size {
+            have = 0;
+        }
+        if have > 0 {
+            self.resumes.entry(transfer.0).or_default().push(have);
+        }
+        self.current = Some(Receiving {
+            transfer,
+            name,
+            size,
+            sha256,
+            part,
+            file,
+            have,
+            resumed_from: self.resumes.get(&transfer.0).cloned().unwrap_or_default(),
+        });
+        if have == size {
+            return self.finish().await;
+        }
+        Ok(DeviceMsg::FileAck {
+            transfer,
+            offset: have,
+        })
+    }
+
+    /// Stores a chunk that continues the file; answers with what is stored.
+    async fn chunk(
+        &mut self,
+        transfer: TransferId,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<Option<DeviceMsg>> {
+        let Some(r) = self.current.as_mut().filter(|r| r.transfer == transfer) else {
+            return Ok(None);
+        };
+        if offset == r.have && r.have + data.len() as u64 <= r.size {
+            r.file.write_all(data).await?;
+            r.have += data.len() as u64;
+        }
+        if r.have == r.size {
+            return self.finish().await.map(Some);
+        }
+        Ok(Some(DeviceMsg::FileAck {
+            transfer,
+            offset: r.have,
+        }))
+    }
+
+    /// Checks the SHA-256 of a complete file and moves it into place.
+    async fn finish(&mut self) -> std::io::Result<DeviceMsg> {
+        use sha2::Digest;
+        let Some(mut r) = self.current.take() else {
+            return Err(std::io::Error::other("no transfer"));
+        };
+        r.file.flush().await?;
+        let bytes = tokio::fs::read(&r.part).await?;
+        let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+        let ok = sha == r.sha256;
+        if ok {
+            tokio::fs::rename(&r.part, self.dir.join(&r.name)).await?;
+        } else {
+            let _ = tokio::fs::remove_file(&r.part).await;
+        }
+        let _ = tokio::fs::remove_file(self.dir.join(format!("{}.part.meta", r.name))).await;
+        self.done.push(crate::report::FileReport {
+            transfer: r.transfer.0,
+            name: r.name,
+            size: r.size,
+            sha256: hex::encode(sha),
+            ok,
+            resumed_from: r.resumed_from,
+        });
+        Ok(DeviceMsg::FileDone {
+            transfer: r.transfer,
+            sha256: sha,
+            ok,
+        })
     }
 }

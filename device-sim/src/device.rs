@@ -144,6 +144,7 @@ impl Device {
         report.control_sessions = c.sessions;
         report.control_failures = c.failures;
         report.commands = c.commands;
+        report.files = c.files;
         (report, sent)
     }
 

@@ -71,6 +71,9 @@ struct Args {
     /// Name to verify in the gateway's certificate.
     #[arg(long, default_value = "localhost")]
     server_name: String,
+    /// Where files received over control sessions are stored (a folder per device inside).
+    #[arg(long, default_value = "sim-files")]
+    files_dir: PathBuf,
     /// Use plain TCP for control sessions (only against a gateway with control.tls = false).
     #[arg(long, requires = "control")]
     control_plain: bool,
@@ -134,6 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None => None,
             Some(addr) => Some(device_sim::control::ControlTarget {
                 addr,
+                files_dir: args.files_dir.clone(),
                 tls: if args.control_plain {
                     None
                 } else {

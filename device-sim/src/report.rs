@@ -30,6 +30,23 @@ impl FaultCounts {
     }
 }
 
+/// A file a device received.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileReport {
+    /// Transfer id.
+    pub transfer: u64,
+    /// Name it was stored under.
+    pub name: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256 the device computed, hex.
+    pub sha256: String,
+    /// Whether it matched the gateway's.
+    pub ok: bool,
+    /// Offsets the transfer resumed from after a cut session (empty when never cut).
+    pub resumed_from: Vec<u64>,
+}
+
 /// One device's part of the report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DeviceReport {
@@ -65,6 +82,9 @@ pub struct DeviceReport {
     /// Commands applied.
     #[serde(default)]
     pub commands: u64,
+    /// Files received over the control session.
+    #[serde(default)]
+    pub files: Vec<FileReport>,
     /// Faults injected.
     pub faults: FaultCounts,
 }

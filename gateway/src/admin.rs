@@ -7,6 +7,8 @@
 //! - `POST /api/v1/commands`: queue a command for one device or all (JSON, see [`SendCommand`]).
 //! - `GET /api/v1/commands?device=ID&limit=N`: commands with status and result, newest first.
 //! - `GET|PUT /api/v1/devices/{id}/config`: desired and reported configuration.
+//! - `POST /api/v1/files?name=N&device=ID|all=true`: the body is a file to send to devices.
+//! - `GET /api/v1/transfers?file=ID`: file transfers with their progress.
 //!
 //! Emits: `warn` for rejected tokens (rate-limited by nature: each is one request).
 
@@ -26,7 +28,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::control::{ControlCounters, Registry};
+use crate::control::{ControlCounters, Outbound, Registry};
 use crate::events::Counters;
 use crate::store::Store;
 use crate::store::config::ConfigJson;
@@ -43,6 +45,10 @@ pub struct AdminState {
     pub control: Arc<ControlCounters>,
     /// The bearer token.
     pub token: String,
+    /// Where files for devices are kept.
+    pub files_dir: std::path::PathBuf,
+    /// Largest accepted file.
+    pub max_file_size: u64,
 }
 
 /// The token: the configured one, or the one in `file` (created with mode 0600 when missing).
@@ -234,10 +240,10 @@ async fn send_command(
         // Online: hand it to the session now. Offline or a full session queue: it stays queued
         // and the device gets it when it (re)connects.
         let online = handle.is_some_and(|h| {
-            h.tx.try_send(GatewayMsg::Command {
+            h.tx.try_send(Outbound::Msg(GatewayMsg::Command {
                 id,
                 command: command.clone(),
-            })
+            }))
             .is_ok()
         });
         out.push(Queued {
@@ -285,12 +291,127 @@ async fn put_config(
         .cloned();
     // Online: push it now. Otherwise the session sends it when the device connects.
     let online = handle.is_some_and(|h| {
-        h.tx.try_send(GatewayMsg::Config {
+        h.tx.try_send(Outbound::Msg(GatewayMsg::Config {
             config: (&config).into(),
-        })
+        }))
         .is_ok()
     });
     Json(serde_json::json!({ "device": id, "online": online })).into_response()
+}
+
+/// Query of `POST /api/v1/files`.
+#[derive(Debug, Deserialize)]
+struct FileQuery {
+    name: String,
+    device: Option<u32>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// Answer of `POST /api/v1/files`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileQueued {
+    /// File id.
+    pub file: i64,
+    /// Sanitised name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// Transfers created.
+    pub transfers: usize,
+}
+
+async fn send_file(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<FileQuery>,
+    body: axum::body::Bytes,
+) -> Response {
+    use sha2::Digest;
+    if body.len() as u64 > state.max_file_size {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "larger than control.max_file_size ({})",
+                state.max_file_size
+            ),
+        );
+    }
+    let targets = match (q.device, q.all) {
+        (Some(d), false) => match state.store.device_key(DeviceId(d)).await {
+            Ok(Some(_)) => vec![DeviceId(d)],
+            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {d}")),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        (None, true) => match state.store.device_ids().await {
+            Ok(ids) => ids,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        },
+        _ => return error(StatusCode::BAD_REQUEST, "give either device or all"),
+    };
+    let name = crate::store::files::sanitize_name(&q.name);
+    let sha: [u8; 32] = sha2::Sha256::digest(&body).into();
+    // Content-addressed: the same bytes are kept once.
+    let path = state.files_dir.join(hex::encode(sha));
+    let tmp = state.files_dir.join(format!("{}.tmp", hex::encode(sha)));
+    let write = async {
+        tokio::fs::create_dir_all(&state.files_dir).await?;
+        tokio::fs::write(&tmp, &body).await?;
+        tokio::fs::rename(&tmp, &path).await
+    };
+    if let Err(e) = write.await {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("storing the file: {e}"),
+        );
+    }
+    let (file, transfers) = match state
+        .store
+        .add_file(&name, body.len() as u64, &sha, &path, &targets)
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    for (device, _) in &transfers {
+        let handle = state
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device)
+            .cloned();
+        if let Some(h) = handle {
+            // Full queue: the session also looks for transfers whenever one ends or it starts.
+            let _ = h.tx.try_send(Outbound::FilesPending);
+        }
+    }
+    let answer = FileQueued {
+        file,
+        name,
+        size: body.len() as u64,
+        sha256: hex::encode(sha),
+        transfers: transfers.len(),
+    };
+    (StatusCode::CREATED, Json(answer)).into_response()
+}
+
+/// Query of `GET /api/v1/transfers`.
+#[derive(Debug, Deserialize)]
+struct TransferQuery {
+    file: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn list_transfers(
+    State(state): State<Arc<AdminState>>,
+    Query(q): Query<TransferQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(1000).clamp(1, 100_000);
+    match state.store.list_transfers(q.file, limit).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Query of `GET /api/v1/commands`.
@@ -360,10 +481,16 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/v1/devices/{id}/config",
             get(get_config).put(put_config),
         )
+        .route("/api/v1/files", post(send_file))
+        .route("/api/v1/transfers", get(list_transfers))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    let limit = usize::try_from(state.max_file_size)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 

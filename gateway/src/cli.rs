@@ -68,6 +68,171 @@ pub enum Command {
     /// Commands to devices, through the running gateway's admin API.
     #[command(subcommand)]
     Commands(CommandsCommand),
+    /// Files to devices (firmware, config files), through the running gateway's admin API.
+    #[command(subcommand)]
+    Files(FilesCommand),
+}
+
+/// `gateway files ...`
+#[derive(Debug, Subcommand)]
+pub enum FilesCommand {
+    /// Send a file to one device or all; delivered in chunks, resumed after disconnects, and
+    /// checked by SHA-256 on the device.
+    Send {
+        /// Target device.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        device: Option<u32>,
+        /// Every device.
+        #[arg(long)]
+        all: bool,
+        /// Name on the device [default: the file's name]; sanitised.
+        #[arg(long)]
+        name: Option<String>,
+        /// Wait and show progress until every transfer has ended.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The file.
+        path: PathBuf,
+    },
+    /// Transfers and their progress, newest first.
+    Status {
+        /// Only transfers of this file id.
+        #[arg(long)]
+        file: Option<i64>,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: ListFormat,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+fn transfers(admin: &AdminArgs, file: Option<i64>) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut url = admin.url("/api/v1/transfers?limit=100000");
+    if let Some(f) = file {
+        url.push_str(&format!("&file={f}"));
+    }
+    let mut resp = admin
+        .agent()
+        .get(&url)
+        .header("Authorization", &format!("Bearer {}", admin.token()?))
+        .call()
+        .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
+    let text = resp.body_mut().read_to_string()?;
+    if !resp.status().is_success() {
+        bail!("gateway answered {}: {text}", resp.status());
+    }
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// The pause between two refreshes of a progress display.
+#[allow(clippy::disallowed_methods)]
+fn progress_pause() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+/// `gateway files ...`
+///
+/// # Errors
+/// Unreadable file, unreachable gateway, API errors.
+pub fn files(cmd: FilesCommand) -> anyhow::Result<()> {
+    match cmd {
+        FilesCommand::Send {
+            device,
+            all,
+            name,
+            wait,
+            admin,
+            path,
+        } => {
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let name = crate::store::files::sanitize_name(&name.unwrap_or_else(|| {
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }));
+            let target = match device {
+                Some(d) => format!("device={d}"),
+                None if all => "all=true".to_owned(),
+                None => bail!("give --device or --all"),
+            };
+            let url = admin.url(&format!("/api/v1/files?name={name}&{target}"));
+            let mut resp = admin
+                .agent()
+                .post(&url)
+                .header("Authorization", &format!("Bearer {}", admin.token()?))
+                .send(&bytes[..])
+                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
+            let text = resp.body_mut().read_to_string()?;
+            if !resp.status().is_success() {
+                bail!("gateway answered {}: {text}", resp.status());
+            }
+            let q: crate::admin::FileQueued = serde_json::from_str(&text)?;
+            println!(
+                "file {} ({}, {} bytes, sha256 {}) queued for {} device(s)",
+                q.file, q.name, q.size, q.sha256, q.transfers
+            );
+            if wait {
+                loop {
+                    let rows = transfers(&admin, Some(q.file))?;
+                    let done = rows.iter().filter(|r| r["status"] == "done").count();
+                    let failed = rows.iter().filter(|r| r["status"] == "failed").count();
+                    let confirmed: i64 = rows
+                        .iter()
+                        .map(|r| r["acked_offset"].as_i64().unwrap_or(0))
+                        .sum();
+                    let total = q.size as i64 * rows.len() as i64;
+                    eprint!(
+                        "\r{done}/{} done, {failed} failed, {:.1} of {:.1} MiB confirmed   ",
+                        rows.len(),
+                        confirmed as f64 / 1048576.0,
+                        total as f64 / 1048576.0
+                    );
+                    if done + failed == rows.len() {
+                        eprintln!();
+                        if failed > 0 {
+                            bail!("{failed} transfer(s) failed (see gateway files status)");
+                        }
+                        break;
+                    }
+                    progress_pause();
+                }
+            }
+        }
+        FilesCommand::Status {
+            file,
+            format,
+            admin,
+        } => {
+            let rows = transfers(&admin, file)?;
+            match format {
+                ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                ListFormat::Table => {
+                    println!(
+                        "{:>8}  {:>6}  {:<24}  {:>10}  {:<8}  {:>12}  {:>12}  detail",
+                        "transfer", "file", "name", "device", "status", "confirmed", "size"
+                    );
+                    for r in rows {
+                        println!(
+                            "{:>8}  {:>6}  {:<24}  {:>10}  {:<8}  {:>12}  {:>12}  {}",
+                            r["id"],
+                            r["file"],
+                            r["name"].as_str().unwrap_or(""),
+                            r["device"],
+                            r["status"].as_str().unwrap_or(""),
+                            r["acked_offset"],
+                            r["size"],
+                            r["detail"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How the CLI reaches a running gateway.

@@ -82,6 +82,13 @@ pub struct ControlConfig {
     /// Heartbeats a device may miss before its session is closed and it is offline. Default 3.
     #[serde(default = "default_missed")]
     pub missed_heartbeats: u32,
+    /// Largest file `gateway files send` accepts, in bytes. Default 64 MiB.
+    #[serde(default = "default_max_file")]
+    pub max_file_size: u64,
+}
+
+fn default_max_file() -> u64 {
+    64 << 20
 }
 
 fn default_control_listen() -> SocketAddr {
@@ -113,6 +120,14 @@ pub fn token_file(db: &Path) -> PathBuf {
 }
 
 impl Config {
+    /// The folder where files for devices are kept: `files/` beside the database.
+    pub fn files_dir(&self) -> PathBuf {
+        self.store
+            .path
+            .parent()
+            .map_or_else(|| PathBuf::from("files"), |p| p.join("files"))
+    }
+
     /// The folder of default certificates: `certs/` beside the database.
     pub fn certs_dir(&self) -> PathBuf {
         self.store
@@ -134,6 +149,7 @@ impl Default for ControlConfig {
             handshake_timeout: default_handshake_timeout(),
             heartbeat: default_heartbeat(),
             missed_heartbeats: default_missed(),
+            max_file_size: default_max_file(),
         }
     }
 }

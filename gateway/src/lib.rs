@@ -217,6 +217,8 @@ impl Gateway {
             counters: counters.clone(),
             control: control_counters.clone(),
             token,
+            files_dir: cfg.files_dir(),
+            max_file_size: cfg.control.max_file_size,
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

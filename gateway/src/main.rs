@@ -38,6 +38,9 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
             Some(Command::Certs(cmd)) => gateway::cli::certs(cmd),
+            Some(Command::Files(cmd)) => {
+                tokio::task::spawn_blocking(move || gateway::cli::files(cmd)).await?
+            }
             Some(Command::Commands(cmd)) => {
                 // A blocking HTTP client: keep it off the runtime's workers.
                 tokio::task::spawn_blocking(move || gateway::cli::commands(cmd)).await?

@@ -50,10 +50,19 @@ pub struct ControlCounters {
 pub struct SessionHandle {
     /// Unique per gateway run, to tell a session from its replacement.
     pub session: u64,
-    /// Messages to send to the device.
-    pub tx: mpsc::Sender<GatewayMsg>,
+    /// Work for the session: messages to send, or a nudge to look for files.
+    pub tx: mpsc::Sender<Outbound>,
     /// Ends the session.
     pub cancel: CancellationToken,
+}
+
+/// What the rest of the gateway hands a live session.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Send this message.
+    Msg(GatewayMsg),
+    /// A file transfer was queued for the device: start it if idle.
+    FilesPending,
 }
 
 /// Live sessions by device. A plain mutex: it is never held across an await.

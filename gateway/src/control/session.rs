@@ -12,6 +12,7 @@ use proto::control::{
     CommandOutcome, DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, decode_frame,
     encode_frame, verify_proof,
 };
+use proto::control::{MAX_CHUNK, TransferId};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,9 +21,10 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::control::presence::Presence;
-use crate::control::{SessionHandle, Shared};
+use crate::control::{Outbound, SessionHandle, Shared};
 use crate::store::commands::CommandStatus;
 use crate::store::config::ConfigJson;
+use crate::store::files::PendingTransfer;
 
 /// Why a connection or session ended.
 #[derive(Debug)]
@@ -202,7 +204,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     shared.counters.sessions_authenticated.fetch_add(1, Relaxed);
     let session = shared.next_session.fetch_add(1, Relaxed);
-    let (tx, mut rx) = mpsc::channel::<GatewayMsg>(64);
+    let (tx, mut rx) = mpsc::channel::<Outbound>(64);
     let replaced = {
         let mut map = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(
@@ -267,6 +269,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             .set_command_status(id, CommandStatus::Sent, None)
             .await;
     }
+    let mut files = Files::default();
+    if delivered && !files.start(&mut conn, device, shared).await {
+        delivered = false;
+    }
     if !delivered {
         reason = "error";
     } else {
@@ -280,12 +286,22 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 out = rx.recv() => {
                     let Some(out) = out else { break };
-                    if conn.write(&out).await.is_err() {
+                    let ok = match out {
+                        Outbound::Msg(out) => {
+                            let ok = conn.write(&out).await.is_ok();
+                            if let (true, GatewayMsg::Command { id, .. }) = (ok, &out) {
+                                let _ = shared
+                                    .store
+                                    .set_command_status(*id, CommandStatus::Sent, None)
+                                    .await;
+                            }
+                            ok
+                        }
+                        Outbound::FilesPending => files.start(&mut conn, device, shared).await,
+                    };
+                    if !ok {
                         reason = "error";
                         break;
-                    }
-                    if let GatewayMsg::Command { id, .. } = out {
-                        let _ = shared.store.set_command_status(id, CommandStatus::Sent, None).await;
                     }
                 }
                 msg = timeout(idle, conn.read()) => match msg {
@@ -306,6 +322,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         match msg {
                             DeviceMsg::Heartbeat
                                 if conn.write(&GatewayMsg::HeartbeatAck).await.is_err() =>
+                            {
+                                reason = "error";
+                                break;
+                            }
+                            DeviceMsg::FileAck { transfer, offset }
+                                if !files.on_ack(&mut conn, device, shared, transfer, offset).await =>
+                            {
+                                reason = "error";
+                                break;
+                            }
+                            DeviceMsg::FileDone { transfer, sha256, ok }
+                                if !files.on_done(&mut conn, device, shared, transfer, sha256, ok).await =>
                             {
                                 reason = "error";
                                 break;
@@ -358,4 +386,157 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             .await;
     }
     tracing::debug!(device = device.0, session, reason, "session ended");
+}
+
+/// Bytes of file data in flight, unacknowledged, per session.
+const FILE_WINDOW: u64 = 8 * MAX_CHUNK as u64;
+/// Confirmed progress is written to the database at least every this many bytes.
+const PERSIST_EVERY: u64 = 1 << 20;
+
+/// The file transfer a session is running, if any.
+#[derive(Default)]
+struct Files {
+    current: Option<Sending>,
+}
+
+struct Sending {
+    t: PendingTransfer,
+    file: tokio::fs::File,
+    /// None until the device says where to resume.
+    next: Option<u64>,
+    acked: u64,
+    persisted: u64,
+}
+
+impl Files {
+    /// Starts the device's next transfer when idle. False when the connection failed.
+    async fn start<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        device: DeviceId,
+        shared: &Shared,
+    ) -> bool {
+        while self.current.is_none() {
+            let Ok(Some(t)) = shared.store.next_transfer(device).await else {
+                return true;
+            };
+            match tokio::fs::File::open(&t.path).await {
+                Ok(file) => {
+                    let offer = GatewayMsg::FileOffer {
+                        transfer: t.id,
+                        name: t.name.clone(),
+                        size: t.size,
+                        sha256: t.sha256,
+                    };
+                    self.current = Some(Sending {
+                        t,
+                        file,
+                        next: None,
+                        acked: 0,
+                        persisted: 0,
+                    });
+                    return conn.write(&offer).await.is_ok();
+                }
+                Err(e) => {
+                    let detail = format!("gateway cannot read the file: {e}");
+                    let _ = shared
+                        .store
+                        .update_transfer(device, t.id, "failed", 0, Some(&detail))
+                        .await;
+                }
+            }
+        }
+        true
+    }
+
+    async fn on_ack<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        device: DeviceId,
+        shared: &Shared,
+        transfer: TransferId,
+        offset: u64,
+    ) -> bool {
+        let Some(s) = self.current.as_mut().filter(|s| s.t.id == transfer) else {
+            return true;
+        };
+        if offset > s.t.size {
+            return false;
+        }
+        match s.next {
+            // The device's resume point.
+            None => {
+                s.next = Some(offset);
+                let _ = shared
+                    .store
+                    .update_transfer(device, transfer, "sending", offset, None)
+                    .await;
+                s.persisted = offset;
+            }
+            // A lower offset than before: the device lost data; go back to it.
+            Some(_) if offset < s.acked => s.next = Some(offset),
+            Some(_) => {}
+        }
+        s.acked = offset;
+        if s.acked >= s.persisted + PERSIST_EVERY {
+            s.persisted = s.acked;
+            let _ = shared
+                .store
+                .update_transfer(device, transfer, "sending", s.acked, None)
+                .await;
+        }
+        // Send while the window has room.
+        let mut buf = vec![0u8; MAX_CHUNK];
+        while let Some(next) = s.next {
+            if next >= s.t.size || next - s.acked >= FILE_WINDOW {
+                break;
+            }
+            let len = (s.t.size - next).min(MAX_CHUNK as u64) as usize;
+            use tokio::io::AsyncSeekExt;
+            if s.file.seek(std::io::SeekFrom::Start(next)).await.is_err()
+                || s.file.read_exact(&mut buf[..len]).await.is_err()
+            {
+                let _ = shared
+                    .store
+                    .update_transfer(device, transfer, "failed", s.acked, Some("read error"))
+                    .await;
+                self.current = None;
+                return true;
+            }
+            let chunk = GatewayMsg::FileChunk {
+                transfer,
+                offset: next,
+                data: buf[..len].to_vec(),
+            };
+            if conn.write(&chunk).await.is_err() {
+                return false;
+            }
+            s.next = Some(next + len as u64);
+        }
+        true
+    }
+
+    async fn on_done<S: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        conn: &mut Conn<S>,
+        device: DeviceId,
+        shared: &Shared,
+        transfer: TransferId,
+        sha256: [u8; 32],
+        ok: bool,
+    ) -> bool {
+        let Some(s) = self.current.take_if(|s| s.t.id == transfer) else {
+            return true;
+        };
+        let (status, detail) = if ok && sha256 == s.t.sha256 {
+            ("done", None)
+        } else {
+            ("failed", Some("the device's SHA-256 does not match"))
+        };
+        let _ = shared
+            .store
+            .update_transfer(device, transfer, status, s.t.size, detail)
+            .await;
+        self.start(conn, device, shared).await
+    }
 }

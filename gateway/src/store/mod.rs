@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
+pub mod files;
 pub mod query;
 pub mod writer;
 
