@@ -256,3 +256,101 @@ fn hostile_clients_are_refused_and_cost_little() -> anyhow::Result<()> {
     gw.stop()?;
     Ok(())
 }
+
+/// The next command on the session, if one comes within 2 s (Err on timeout).
+async fn next_command(
+    c: &mut Client,
+) -> Result<
+    anyhow::Result<Option<(proto::control::CommandId, proto::control::Command)>>,
+    tokio::time::error::Elapsed,
+> {
+    let fut = async {
+        loop {
+            match c.recv().await? {
+                Some(GatewayMsg::Command { id, command }) => return Ok(Some((id, command))),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut).await
+}
+
+/// A command the device never answered is sent again, with the same id, on its next session;
+/// once answered it is not sent again.
+#[test]
+fn unanswered_commands_are_resent_with_the_same_id() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 1)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet)?;
+    let (id, key) = (fleet.devices[0].device_id(), fleet.devices[0].device_key()?);
+    let admin = gw.admin.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nonce = [1u8; 16];
+    let connect = || async {
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let w = c
+            .handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        anyhow::ensure!(matches!(w, Some(GatewayMsg::Welcome { .. })), "{w:?}");
+        anyhow::Ok(c)
+    };
+    rt.block_on(async {
+        let mut c = connect().await?;
+        let out = gateway(&[
+            "commands",
+            "send",
+            "--device",
+            "1",
+            "reboot",
+            "--admin",
+            &admin,
+            "--db",
+            path(&db),
+        ])?;
+        anyhow::ensure!(out.contains("1 sent to online devices"), "{out}");
+        let (first, command) = next_command(&mut c).await??.expect("a command");
+        assert_eq!(command, proto::control::Command::Reboot);
+        drop(c); // cut the session without answering
+        let mut c = connect().await?;
+        let (again, _) = next_command(&mut c).await??.expect("the command again");
+        assert_eq!(again, first, "resent with the same id");
+        c.send(&DeviceMsg::CommandResult {
+            id: again,
+            outcome: proto::control::CommandOutcome::Done,
+            detail: String::new(),
+        })
+        .await?;
+        // A heartbeat round trip proves the gateway handled the answer before we leave.
+        c.send(&DeviceMsg::Heartbeat).await?;
+        while !matches!(c.recv().await?, Some(GatewayMsg::HeartbeatAck) | None) {}
+        drop(c);
+        let mut c = connect().await?;
+        assert!(
+            next_command(&mut c).await.is_err(),
+            "an answered command is not resent"
+        );
+        anyhow::Ok(())
+    })?;
+    let out = gateway(&[
+        "commands",
+        "list",
+        "--format",
+        "json",
+        "--admin",
+        &admin,
+        "--db",
+        path(&db),
+    ])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["status"], "acknowledged");
+    gw.stop()?;
+    Ok(())
+}
