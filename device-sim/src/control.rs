@@ -354,13 +354,11 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
             msg = conn.read() => match msg {
                 None | Some(GatewayMsg::Denied { .. }) => break SessionEnd::Dropped,
                 Some(GatewayMsg::Command { id, command }) => {
-                    let outcome_kind = if applied.insert(id.0) {
+                    let outcome_kind = apply_once(applied, id.0, &command, live);
+                    if outcome_kind != CommandOutcome::Duplicate {
                         outcome.commands += 1;
                         progress.commands.fetch_add(1, Relaxed);
-                        apply(&command, live)
-                    } else {
-                        CommandOutcome::Duplicate
-                    };
+                    }
                     let reply = DeviceMsg::CommandResult {
                         id,
                         outcome: outcome_kind,
@@ -402,6 +400,20 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     progress.online.fetch_sub(1, Relaxed);
     end
+}
+
+/// Applies a command unless its id was applied before (a resend): at most once per id.
+fn apply_once(
+    applied: &mut std::collections::HashSet<u64>,
+    id: u64,
+    command: &Command,
+    live: &LiveConfig,
+) -> CommandOutcome {
+    if applied.insert(id) {
+        apply(command, live)
+    } else {
+        CommandOutcome::Duplicate
+    }
 }
 
 fn apply(command: &Command, live: &LiveConfig) -> CommandOutcome {
@@ -578,5 +590,68 @@ impl FileSink {
             sha256: sha,
             ok,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resent_command_is_applied_once() {
+        let live = LiveConfig::new(1000, 16);
+        let mut applied = std::collections::HashSet::new();
+        let set = |ms| Command::SetInterval { millis: ms };
+        assert_eq!(
+            apply_once(&mut applied, 7, &set(200), &live),
+            CommandOutcome::Done
+        );
+        live.period_ms.store(1000, Relaxed); // the device changed it back on its own
+        assert_eq!(
+            apply_once(&mut applied, 7, &set(200), &live),
+            CommandOutcome::Duplicate
+        );
+        assert_eq!(
+            live.period_ms.load(Relaxed),
+            1000,
+            "the resend changed nothing"
+        );
+        assert_eq!(
+            apply_once(&mut applied, 8, &set(0), &live),
+            CommandOutcome::Failed
+        );
+    }
+
+    #[test]
+    fn config_pushes_are_checked() {
+        let live = LiveConfig::new(1000, 16);
+        let ok = DeviceConfig {
+            interval_ms: 250,
+            batch: 4,
+            sensors: vec![2, 3],
+        };
+        assert!(live.apply(&ok));
+        assert_eq!(live.report(), ok);
+        for bad in [
+            DeviceConfig {
+                interval_ms: 0,
+                ..ok.clone()
+            },
+            DeviceConfig {
+                batch: 51,
+                ..ok.clone()
+            },
+            DeviceConfig {
+                sensors: vec![],
+                ..ok.clone()
+            },
+            DeviceConfig {
+                sensors: vec![0, 65],
+                ..ok.clone()
+            },
+        ] {
+            assert!(!live.apply(&bad), "{bad:?}");
+            assert_eq!(live.report(), ok, "a refused push changes nothing");
+        }
     }
 }

@@ -354,3 +354,122 @@ fn unanswered_commands_are_resent_with_the_same_id() -> anyhow::Result<()> {
     gw.stop()?;
     Ok(())
 }
+
+/// A second authenticated session of the same device replaces the first, which is told so;
+/// the device stays online.
+#[test]
+fn a_new_session_replaces_the_old_one() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 1)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet)?;
+    let (id, key) = (fleet.devices[0].device_id(), fleet.devices[0].device_key()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let nonce = [2u8; 16];
+        let mut old = Client::connect(gw.control, &ca).await?;
+        old.handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        let mut new = Client::connect(gw.control, &ca).await?;
+        let w = new
+            .handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        assert!(matches!(w, Some(GatewayMsg::Welcome { .. })));
+        let told = loop {
+            match old.recv().await? {
+                Some(GatewayMsg::Denied { reason }) => break Some(reason),
+                Some(_) => {}
+                None => break None,
+            }
+        };
+        assert_eq!(told, Some(DenyReason::Replaced));
+        new.send(&DeviceMsg::Heartbeat).await?;
+        while !matches!(new.recv().await?, Some(GatewayMsg::HeartbeatAck) | None) {}
+        // The old session ending must not mark the device offline while the new one lives.
+        wait_until(Duration::from_secs(5), "device online", || {
+            Ok(online_count(&db)? == 1)
+        })?;
+        anyhow::Ok(())
+    })?;
+    gw.stop()?;
+    Ok(())
+}
+
+/// Connections past the per-address limit are closed at once; the API wants its token, except
+/// for /healthz; /metrics speaks Prometheus.
+#[test]
+fn session_limits_and_admin_auth() -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    provision(dir.path(), &db, 1)?;
+    let cfg = config_file(dir.path(), "[control]\nmax_sessions_per_ip = 5\n")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..10 {
+            conns.push(tokio::net::TcpStream::connect(gw.control).await?);
+        }
+        let mut closed = 0;
+        for c in &mut conns {
+            if closed_within(c, Duration::from_millis(500)).await {
+                closed += 1;
+            }
+        }
+        assert_eq!(
+            closed, 5,
+            "five over the per-address limit are closed at once"
+        );
+        anyhow::Ok(())
+    })?;
+    let http = |req: &str| -> anyhow::Result<String> {
+        let mut s = std::net::TcpStream::connect(gw.admin)?;
+        s.write_all(req.as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    let health = http("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok"),
+        "{health}"
+    );
+    let denied = http("GET /api/v1/devices HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    assert!(denied.starts_with("HTTP/1.1 401"), "{denied}");
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
+    let metrics = http(&format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    ))?;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("gateway_control_rejected_busy_total 5"),
+        "{metrics}"
+    );
+    let err = gateway(&[
+        "commands",
+        "list",
+        "--token",
+        "wrong",
+        "--admin",
+        &gw.admin.to_string(),
+    ])
+    .unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("admin.token"))?
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    gw.stop()?;
+    Ok(())
+}
