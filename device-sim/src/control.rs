@@ -450,23 +450,6 @@ pub(crate) struct FileSink {
     pub(crate) done: Vec<crate::report::FileReport>,
 }
 
-/// Keeps letters, digits, `.`, `-` and `_`; no separators, no leading dots.
-fn safe_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(128)
-        .collect();
-    let s = s.trim_start_matches('.').to_owned();
-    if s.is_empty() { "file".into() } else { s }
-}
-
 impl FileSink {
     pub(crate) fn new(dir: PathBuf) -> Self {
         Self {
@@ -488,7 +471,7 @@ impl FileSink {
     ) -> std::io::Result<DeviceMsg> {
         use tokio::io::AsyncSeekExt;
         tokio::fs::create_dir_all(&self.dir).await?;
-        let name = safe_name(name);
+        let name = proto::control::sanitize_name(name);
         let part = self.dir.join(format!("{name}.part"));
         let meta = self.dir.join(format!("{name}.part.meta"));
         let tag = format!("{} {} {}", transfer.0, hex::encode(sha256), size);

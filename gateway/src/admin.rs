@@ -196,6 +196,25 @@ async fn devices(State(state): State<Arc<AdminState>>) -> Response {
     }
 }
 
+/// The devices a request names: one existing device, or all of them.
+async fn targets(
+    state: &AdminState,
+    device: Option<u32>,
+    all: bool,
+) -> Result<Vec<DeviceId>, Response> {
+    let internal =
+        |e: crate::store::StoreError| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    match (device, all) {
+        (Some(d), false) => match state.store.device_key(DeviceId(d)).await {
+            Ok(Some(_)) => Ok(vec![DeviceId(d)]),
+            Ok(None) => Err(error(StatusCode::NOT_FOUND, format!("no device {d}"))),
+            Err(e) => Err(internal(e)),
+        },
+        (None, true) => state.store.device_ids().await.map_err(internal),
+        _ => Err(error(StatusCode::BAD_REQUEST, "give either device or all")),
+    }
+}
+
 async fn send_command(
     State(state): State<Arc<AdminState>>,
     Json(req): Json<SendCommand>,
@@ -204,17 +223,9 @@ async fn send_command(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let targets = match (req.device, req.all) {
-        (Some(d), false) => match state.store.device_key(DeviceId(d)).await {
-            Ok(Some(_)) => vec![DeviceId(d)],
-            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {d}")),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        (None, true) => match state.store.device_ids().await {
-            Ok(ids) => ids,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        _ => return error(StatusCode::BAD_REQUEST, "give either device or all"),
+    let targets = match targets(&state, req.device, req.all).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let ttl_ms = req
         .ttl_s
@@ -338,17 +349,9 @@ async fn send_file(
             ),
         );
     }
-    let targets = match (q.device, q.all) {
-        (Some(d), false) => match state.store.device_key(DeviceId(d)).await {
-            Ok(Some(_)) => vec![DeviceId(d)],
-            Ok(None) => return error(StatusCode::NOT_FOUND, format!("no device {d}")),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        (None, true) => match state.store.device_ids().await {
-            Ok(ids) => ids,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        },
-        _ => return error(StatusCode::BAD_REQUEST, "give either device or all"),
+    let targets = match targets(&state, q.device, q.all).await {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let name = crate::store::files::sanitize_name(&q.name);
     let sha: [u8; 32] = sha2::Sha256::digest(&body).into();

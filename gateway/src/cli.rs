@@ -73,6 +73,16 @@ pub enum Command {
     Files(FilesCommand),
 }
 
+/// The body of a successful answer of the admin API, or an error carrying the gateway's message.
+fn answer(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Result<String> {
+    let status = resp.status();
+    let text = resp.body_mut().read_to_string()?;
+    if !status.is_success() {
+        bail!("gateway answered {status}: {text}");
+    }
+    Ok(text)
+}
+
 /// `gateway files ...`
 #[derive(Debug, Subcommand)]
 pub enum FilesCommand {
@@ -114,16 +124,14 @@ fn transfers(admin: &AdminArgs, file: Option<i64>) -> anyhow::Result<Vec<serde_j
     if let Some(f) = file {
         url.push_str(&format!("&file={f}"));
     }
-    let mut resp = admin
-        .agent()
-        .get(&url)
-        .header("Authorization", &format!("Bearer {}", admin.token()?))
-        .call()
-        .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
-    let text = resp.body_mut().read_to_string()?;
-    if !resp.status().is_success() {
-        bail!("gateway answered {}: {text}", resp.status());
-    }
+    let text = answer(
+        admin
+            .agent()
+            .get(&url)
+            .header("Authorization", &format!("Bearer {}", admin.token()?))
+            .call()
+            .with_context(|| format!("reaching the gateway at {}", admin.admin))?,
+    )?;
     Ok(serde_json::from_str(&text)?)
 }
 
@@ -160,16 +168,14 @@ pub fn files(cmd: FilesCommand) -> anyhow::Result<()> {
                 None => bail!("give --device or --all"),
             };
             let url = admin.url(&format!("/api/v1/files?name={name}&{target}"));
-            let mut resp = admin
-                .agent()
-                .post(&url)
-                .header("Authorization", &format!("Bearer {}", admin.token()?))
-                .send(&bytes[..])
-                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
-            let text = resp.body_mut().read_to_string()?;
-            if !resp.status().is_success() {
-                bail!("gateway answered {}: {text}", resp.status());
-            }
+            let text = answer(
+                admin
+                    .agent()
+                    .post(&url)
+                    .header("Authorization", &format!("Bearer {}", admin.token()?))
+                    .send(&bytes[..])
+                    .with_context(|| format!("reaching the gateway at {}", admin.admin))?,
+            )?;
             let q: crate::admin::FileQueued = serde_json::from_str(&text)?;
             println!(
                 "file {} ({}, {} bytes, sha256 {}) queued for {} device(s)",
@@ -360,17 +366,14 @@ pub fn commands(cmd: CommandsCommand) -> anyhow::Result<()> {
                 command: parse_command(&command)?,
                 ttl_s: Some(ttl.as_secs()),
             };
-            let mut resp = admin
-                .agent()
-                .post(&admin.url("/api/v1/commands"))
-                .header("Authorization", &format!("Bearer {}", admin.token()?))
-                .send_json(&body)
-                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
-            let status = resp.status();
-            let text = resp.body_mut().read_to_string()?;
-            if !status.is_success() {
-                bail!("gateway answered {status}: {text}");
-            }
+            let text = answer(
+                admin
+                    .agent()
+                    .post(&admin.url("/api/v1/commands"))
+                    .header("Authorization", &format!("Bearer {}", admin.token()?))
+                    .send_json(&body)
+                    .with_context(|| format!("reaching the gateway at {}", admin.admin))?,
+            )?;
             let queued: Vec<crate::admin::Queued> = serde_json::from_str(&text)?;
             let online = queued.iter().filter(|q| q.online).count();
             println!(
@@ -393,17 +396,14 @@ pub fn commands(cmd: CommandsCommand) -> anyhow::Result<()> {
             if let Some(d) = device {
                 url.push_str(&format!("&device={d}"));
             }
-            let mut resp = admin
-                .agent()
-                .get(&url)
-                .header("Authorization", &format!("Bearer {}", admin.token()?))
-                .call()
-                .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
-            let status = resp.status();
-            let text = resp.body_mut().read_to_string()?;
-            if !status.is_success() {
-                bail!("gateway answered {status}: {text}");
-            }
+            let text = answer(
+                admin
+                    .agent()
+                    .get(&url)
+                    .header("Authorization", &format!("Bearer {}", admin.token()?))
+                    .call()
+                    .with_context(|| format!("reaching the gateway at {}", admin.admin))?,
+            )?;
             let rows: Vec<serde_json::Value> = serde_json::from_str(&text)?;
             match format {
                 ListFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
@@ -804,15 +804,13 @@ fn device_config(
     let auth = format!("Bearer {}", admin.token()?);
     let agent = admin.agent();
     let reach = || format!("reaching the gateway at {}", admin.admin);
-    let mut resp = agent
-        .get(&url)
-        .header("Authorization", &auth)
-        .call()
-        .with_context(reach)?;
-    let text = resp.body_mut().read_to_string()?;
-    if !resp.status().is_success() {
-        bail!("gateway answered {}: {text}", resp.status());
-    }
+    let text = answer(
+        agent
+            .get(&url)
+            .header("Authorization", &auth)
+            .call()
+            .with_context(reach)?,
+    )?;
     let pair: ConfigPair = serde_json::from_str(&text)?;
     let show = |c: &Option<ConfigJson>| {
         c.as_ref().map_or_else(
@@ -847,20 +845,18 @@ fn device_config(
             sensors
         },
     };
-    let mut resp = agent
-        .put(&url)
-        .header("Authorization", &auth)
-        .send_json(&config)
-        .with_context(reach)?;
-    let text = resp.body_mut().read_to_string()?;
-    if !resp.status().is_success() {
-        bail!("gateway answered {}: {text}", resp.status());
-    }
-    let answer: serde_json::Value = serde_json::from_str(&text)?;
+    let text = answer(
+        agent
+            .put(&url)
+            .header("Authorization", &auth)
+            .send_json(&config)
+            .with_context(reach)?,
+    )?;
+    let reply: serde_json::Value = serde_json::from_str(&text)?;
     println!(
         "device {device}: desired configuration set ({}); {}",
         show(&Some(config)),
-        if answer["online"] == true {
+        if reply["online"] == true {
             "pushed to the online device"
         } else {
             "it will be pushed when the device connects"

@@ -205,6 +205,30 @@ pub enum GatewayMsg {
     },
 }
 
+/// The file name rule both sides apply: letters, digits, `.`, `-` and `_` only (anything else
+/// becomes `_`), the part after the last path separator, no leading dots, at most 128
+/// characters, and `file` when nothing is left.
+pub fn sanitize_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let clean: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(128)
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    if clean.is_empty() {
+        "file".into()
+    } else {
+        clean.to_owned()
+    }
+}
+
 /// Encodes one frame (length prefix, version, postcard body) onto `out`.
 ///
 /// # Errors
@@ -373,6 +397,18 @@ mod tests {
         };
         assert!(encode_frame(&big, 50, &mut out).is_err());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn names_are_sanitised() {
+        assert_eq!(sanitize_name("fw-1.2.bin"), "fw-1.2.bin");
+        assert_eq!(sanitize_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_name("C:\\x\\boot.ini"), "boot.ini");
+        assert_eq!(sanitize_name(".hidden"), "hidden");
+        assert_eq!(sanitize_name("a b;c"), "a_b_c");
+        assert_eq!(sanitize_name(""), "file");
+        assert_eq!(sanitize_name("/"), "file");
+        assert_eq!(sanitize_name(&"x".repeat(500)).len(), 128);
     }
 
     #[test]

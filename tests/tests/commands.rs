@@ -223,3 +223,20 @@ fn pushed_configuration_is_applied_and_reported() -> anyhow::Result<()> {
     gw.stop()?;
     Ok(())
 }
+
+#[test]
+fn undelivered_commands_expire() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    provision(dir.path(), &db, 1)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let out = commands(&gw, &["send", "--device", "1", "--ttl", "1s", "ping"])?;
+    assert!(out.contains("1 waiting for their device"), "{out}");
+    assert_eq!(command_rows(&gw, 1)?[0]["status"], "queued");
+    wait_until(Duration::from_secs(10), "command expired", || {
+        Ok(command_rows(&gw, 1)?[0]["status"] == "expired")
+    })?;
+    gw.stop()?;
+    Ok(())
+}

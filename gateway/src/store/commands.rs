@@ -125,19 +125,7 @@ impl Store {
         &self,
         device: DeviceId,
     ) -> Result<Vec<(CommandId, Command)>, StoreError> {
-        let now = now_ms();
-        let expired: Vec<(i64,)> = sqlx::query_as(
-            "SELECT id FROM commands WHERE device = ? AND status IN ('queued', 'sent') \
-             AND expires_ms < ?",
-        )
-        .bind(i64::from(device.0))
-        .bind(now)
-        .fetch_all(self.pool())
-        .await?;
-        for (id,) in expired {
-            self.set_command_status(CommandId(id as u64), CommandStatus::Expired, None)
-                .await?;
-        }
+        self.expire_commands().await?;
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT id, body FROM commands WHERE device = ? AND status IN ('queued', 'sent') \
              ORDER BY id",
@@ -221,6 +209,24 @@ impl Store {
         Ok(true)
     }
 
+    /// Marks every undelivered command past its deadline as expired.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn expire_commands(&self) -> Result<(), StoreError> {
+        let expired: Vec<(i64,)> = sqlx::query_as(
+            "SELECT id FROM commands WHERE status IN ('queued', 'sent') AND expires_ms < ?",
+        )
+        .bind(now_ms())
+        .fetch_all(self.pool())
+        .await?;
+        for (id,) in expired {
+            self.set_command_status(CommandId(id as u64), CommandStatus::Expired, None)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Commands, newest first, optionally of one device, at most `limit`.
     ///
     /// # Errors
@@ -230,6 +236,7 @@ impl Store {
         device: Option<DeviceId>,
         limit: i64,
     ) -> Result<Vec<CommandRow>, StoreError> {
+        self.expire_commands().await?;
         let rows = match device {
             Some(d) => {
                 sqlx::query_as(

@@ -88,20 +88,13 @@ impl Store {
         device: DeviceId,
         config: &ConfigJson,
     ) -> Result<(), StoreError> {
-        let text = serde_json::to_string(config).map_err(|_| StoreError::Corrupt {
-            table: "device_config",
-            reason: "config does not serialise",
-        })?;
-        sqlx::query(
+        self.store_config(
+            device,
+            config,
             "INSERT INTO device_config (device, desired, desired_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT(device) DO UPDATE SET desired = ?2, desired_ms = ?3",
         )
-        .bind(i64::from(device.0))
-        .bind(text)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Stores what a device reports it applied.
@@ -113,19 +106,31 @@ impl Store {
         device: DeviceId,
         config: &ConfigJson,
     ) -> Result<(), StoreError> {
+        self.store_config(
+            device,
+            config,
+            "INSERT INTO device_config (device, reported, reported_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT(device) DO UPDATE SET reported = ?2, reported_ms = ?3",
+        )
+        .await
+    }
+
+    async fn store_config(
+        &self,
+        device: DeviceId,
+        config: &ConfigJson,
+        sql: &'static str,
+    ) -> Result<(), StoreError> {
         let text = serde_json::to_string(config).map_err(|_| StoreError::Corrupt {
             table: "device_config",
             reason: "config does not serialise",
         })?;
-        sqlx::query(
-            "INSERT INTO device_config (device, reported, reported_ms) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(device) DO UPDATE SET reported = ?2, reported_ms = ?3",
-        )
-        .bind(i64::from(device.0))
-        .bind(text)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await?;
+        sqlx::query(sql)
+            .bind(i64::from(device.0))
+            .bind(text)
+            .bind(now_ms())
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 

@@ -47,28 +47,7 @@ pub struct TransferRow {
     pub detail: Option<String>,
 }
 
-/// Keeps only characters safe in a file name on any device: letters, digits, `.`, `-`, `_`;
-/// no path separators, no leading dots, at most 128 characters; `file` when nothing is left.
-pub fn sanitize_name(name: &str) -> String {
-    let base = name.rsplit(['/', '\\']).next().unwrap_or("");
-    let clean: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(128)
-        .collect();
-    let clean = clean.trim_start_matches('.').to_owned();
-    if clean.is_empty() {
-        "file".into()
-    } else {
-        clean
-    }
-}
+pub use proto::control::sanitize_name;
 
 impl Store {
     /// Records a file already written to `path` and queues it for `devices`.
@@ -190,22 +169,5 @@ impl Store {
         .bind(limit)
         .fetch_all(self.pool())
         .await?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::sanitize_name;
-
-    #[test]
-    fn names_are_sanitised() {
-        assert_eq!(sanitize_name("fw-1.2.bin"), "fw-1.2.bin");
-        assert_eq!(sanitize_name("../../etc/passwd"), "passwd");
-        assert_eq!(sanitize_name("C:\\x\\boot.ini"), "boot.ini");
-        assert_eq!(sanitize_name(".hidden"), "hidden");
-        assert_eq!(sanitize_name("a b;c"), "a_b_c");
-        assert_eq!(sanitize_name(""), "file");
-        assert_eq!(sanitize_name("/"), "file");
-        assert_eq!(sanitize_name(&"x".repeat(500)).len(), 128);
     }
 }
