@@ -10,6 +10,7 @@
 //! - [`replay`] — the per-device sliding replay window (pure).
 //! - [`store`] — SQLite: schema, devices and keys, the batched [`store::writer`], queries.
 //! - [`events`] — counters and drop reasons, the names `gateway stats` shows.
+//! - [`aggregate`] — windowed aggregation (the pure state machine so far).
 //! - [`admin`] — the operator HTTP API (health, metrics, devices, commands).
 //! - [`cli`] — the command line verbs; `main.rs` only dispatches to them.
 //! - [`demo`] — `gateway demo`, a gateway and a simulated fleet in one process.
@@ -22,6 +23,7 @@
 //! counters and exits. [`Gateway::stop`] waits for that, bounded by the grace period.
 
 pub mod admin;
+pub mod aggregate;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,0 +1,411 @@
+//! Tumbling event-time windows per device and sensor: count, min, max, mean, last and standard
+//! deviation, for several window lengths at once.
+//!
+//! Pure: no clock, no I/O. Event time is the readings' own timestamps; each device has its own
+//! watermark (the latest timestamp it sent), because device clocks differ. A window closes when
+//! its device's watermark passes its end plus the allowed lateness, or when the device has been
+//! silent (by the caller's `now`) for the idle time. A reading for a window already closed is
+//! either folded into a corrected aggregate with the next revision number or counted as
+//! dropped, as [`LatePolicy`] says; closed windows are remembered for revisions for
+//! `keep_closed_ms` of event time.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// What to do with a reading whose window has already closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatePolicy {
+    /// Re-emit the window's aggregate, corrected, with the next revision number.
+    Revise,
+    /// Count the reading as dropped (it stays in the raw readings).
+    Drop,
+}
+
+/// Settings of the aggregator.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Window lengths in ms, e.g. `[10_000, 60_000]`.
+    pub windows_ms: Vec<u64>,
+    /// How far behind a device's latest timestamp a reading may be and still join an open
+    /// window, ms.
+    pub lateness_ms: u64,
+    /// Late readings beyond that.
+    pub late: LatePolicy,
+    /// A device silent this long (gateway time, ms) has its open windows closed.
+    pub idle_ms: u64,
+    /// How long closed windows are kept for revisions, ms of event time.
+    pub keep_closed_ms: u64,
+}
+
+/// Running statistics of one window (Welford's online mean and variance).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Readings.
+    pub count: u64,
+    /// Smallest value.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+    /// Sum of squared differences from the mean.
+    m2: f64,
+    /// Timestamp of the latest reading.
+    pub last_ts: i64,
+    /// Value of the latest reading (the later arrival wins a tie).
+    pub last: f64,
+}
+
+impl Stats {
+    fn new(ts: i64, v: f64) -> Self {
+        Self {
+            count: 1,
+            min: v,
+            max: v,
+            mean: v,
+            m2: 0.0,
+            last_ts: ts,
+            last: v,
+        }
+    }
+
+    fn add(&mut self, ts: i64, v: f64) {
+        self.count += 1;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+        let delta = v - self.mean;
+        self.mean += delta / self.count as f64;
+        self.m2 += delta * (v - self.mean);
+        if ts >= self.last_ts {
+            self.last_ts = ts;
+            self.last = v;
+        }
+    }
+
+    /// Population standard deviation.
+    pub fn stddev(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            (self.m2 / self.count as f64).sqrt()
+        }
+    }
+}
+
+/// A closed window's aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    /// Device.
+    pub device: u32,
+    /// Sensor.
+    pub sensor: u16,
+    /// Window length, ms.
+    pub window_ms: u64,
+    /// Window start (inclusive), ms since the epoch, device clock.
+    pub start_ms: i64,
+    /// Statistics.
+    pub stats: Stats,
+    /// 0 for the first emission, then 1, 2, … for corrections by late readings.
+    pub revision: u32,
+}
+
+/// What happened to a pushed reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Joined open windows (of every length).
+    Open,
+    /// Joined at least one closed window, which was re-emitted with a new revision.
+    Revised,
+    /// Too late for at least one window length and dropped there (by policy or because the
+    /// closed window is no longer remembered).
+    DroppedLate,
+    /// NaN values are not aggregated.
+    Ignored,
+}
+
+/// Key of a window: (length, start, sensor).
+type Key = (u64, i64, u16);
+
+#[derive(Debug, Default)]
+struct DeviceState {
+    /// Latest timestamp seen (event time).
+    watermark: Option<i64>,
+    /// Gateway time of the latest reading, ms.
+    seen_ms: u64,
+    open: BTreeMap<Key, Stats>,
+    closed: BTreeMap<Key, (Stats, u32)>,
+}
+
+/// The aggregator.
+#[derive(Debug)]
+pub struct Aggregator {
+    cfg: AggregatorConfig,
+    devices: HashMap<u32, DeviceState>,
+}
+
+fn window_start(ts: i64, len: u64) -> i64 {
+    let len = len as i64;
+    ts - ts.rem_euclid(len)
+}
+
+impl Aggregator {
+    /// An aggregator with `cfg`. Window lengths of zero are ignored.
+    pub fn new(mut cfg: AggregatorConfig) -> Self {
+        cfg.windows_ms.retain(|w| *w > 0 && *w <= i64::MAX as u64);
+        cfg.windows_ms.sort_unstable();
+        cfg.windows_ms.dedup();
+        Self {
+            cfg,
+            devices: HashMap::new(),
+        }
+    }
+
+    /// Adds a reading received at gateway time `now_ms`; closed windows it corrects are
+    /// appended to `out`.
+    pub fn push(
+        &mut self,
+        device: u32,
+        sensor: u16,
+        ts: i64,
+        value: f64,
+        now_ms: u64,
+        out: &mut Vec<Aggregate>,
+    ) -> Pushed {
+        if value.is_nan() {
+            return Pushed::Ignored;
+        }
+        let cfg = &self.cfg;
+        let d = self.devices.entry(device).or_default();
+        d.seen_ms = d.seen_ms.max(now_ms);
+        d.watermark = Some(d.watermark.map_or(ts, |w| w.max(ts)));
+        let mut result = Pushed::Open;
+        for &len in &cfg.windows_ms {
+            let key = (len, window_start(ts, len), sensor);
+            if let Some(s) = d.open.get_mut(&key) {
+                s.add(ts, value);
+                continue;
+            }
+            if let Some((s, rev)) = d.closed.get_mut(&key) {
+                match cfg.late {
+                    LatePolicy::Revise => {
+                        s.add(ts, value);
+                        *rev += 1;
+                        out.push(Aggregate {
+                            device,
+                            sensor,
+                            window_ms: len,
+                            start_ms: key.1,
+                            stats: *s,
+                            revision: *rev,
+                        });
+                        if result == Pushed::Open {
+                            result = Pushed::Revised;
+                        }
+                    }
+                    LatePolicy::Drop => result = Pushed::DroppedLate,
+                }
+                continue;
+            }
+            let wm = d.watermark.unwrap_or(ts);
+            let closes_at = key
+                .1
+                .saturating_add(len as i64)
+                .saturating_add(cfg.lateness_ms as i64);
+            if closes_at <= wm {
+                // Its window would already have closed and is not remembered (or never
+                // existed): too late.
+                result = Pushed::DroppedLate;
+            } else {
+                d.open.insert(key, Stats::new(ts, value));
+            }
+        }
+        result
+    }
+
+    /// Closes windows whose end plus lateness the device's watermark has passed, and every
+    /// open window of devices silent for the idle time; forgets closed windows older than the
+    /// keep time. Closed windows are appended to `out` (revision 0).
+    pub fn advance(&mut self, now_ms: u64, out: &mut Vec<Aggregate>) {
+        let cfg = &self.cfg;
+        for (&device, d) in &mut self.devices {
+            let Some(wm) = d.watermark else { continue };
+            let idle = now_ms.saturating_sub(d.seen_ms) >= cfg.idle_ms;
+            let due: Vec<Key> = d
+                .open
+                .keys()
+                .filter(|(len, start, _)| {
+                    idle || start
+                        .saturating_add(*len as i64)
+                        .saturating_add(cfg.lateness_ms as i64)
+                        <= wm
+                })
+                .copied()
+                .collect();
+            for key in due {
+                if let Some(s) = d.open.remove(&key) {
+                    out.push(Aggregate {
+                        device,
+                        sensor: key.2,
+                        window_ms: key.0,
+                        start_ms: key.1,
+                        stats: s,
+                        revision: 0,
+                    });
+                    d.closed.insert(key, (s, 0));
+                }
+            }
+            let horizon = wm.saturating_sub(cfg.keep_closed_ms as i64);
+            d.closed
+                .retain(|(len, start, _), _| start.saturating_add(*len as i64) > horizon);
+        }
+    }
+
+    /// Closes every open window (shutdown), appending them to `out`.
+    pub fn flush(&mut self, out: &mut Vec<Aggregate>) {
+        self.advance(u64::MAX, out);
+    }
+
+    /// Open windows, all devices (for metrics and tests).
+    pub fn open_windows(&self) -> usize {
+        self.devices.values().map(|d| d.open.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agg(late: LatePolicy) -> Aggregator {
+        Aggregator::new(AggregatorConfig {
+            windows_ms: vec![10_000, 60_000],
+            lateness_ms: 2_000,
+            late,
+            idle_ms: 30_000,
+            keep_closed_ms: 600_000,
+        })
+    }
+
+    fn naive(values: &[f64]) -> (f64, f64, f64, f64) {
+        let n = values.len() as f64;
+        let mean = values.iter().sum::<f64>() / n;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (min, max, mean, var.sqrt())
+    }
+
+    #[test]
+    fn windows_close_at_watermark_plus_lateness_with_exact_stats() {
+        let mut a = agg(LatePolicy::Drop);
+        let mut out = Vec::new();
+        let values: Vec<f64> = (0..10).map(|i| f64::from(i) * 1.5 - 3.0).collect();
+        for (i, v) in values.iter().enumerate() {
+            a.push(1, 1, 1_000 * i as i64, *v, 0, &mut out);
+        }
+        a.advance(0, &mut out);
+        assert!(out.is_empty(), "window [0,10s) still open");
+        // 11.999 s: not yet past 10 s + 2 s of lateness.
+        a.push(1, 1, 11_999, 100.0, 0, &mut out);
+        a.advance(0, &mut out);
+        assert!(out.is_empty());
+        a.push(1, 1, 12_000, 100.0, 0, &mut out);
+        a.advance(0, &mut out);
+        assert_eq!(out.len(), 1);
+        let w = &out[0];
+        assert_eq!(
+            (w.device, w.sensor, w.window_ms, w.start_ms, w.revision),
+            (1, 1, 10_000, 0, 0)
+        );
+        let (min, max, mean, sd) = naive(&values);
+        assert_eq!(w.stats.count, 10);
+        assert_eq!((w.stats.min, w.stats.max), (min, max));
+        assert!((w.stats.mean - mean).abs() < 1e-12 && (w.stats.stddev() - sd).abs() < 1e-12);
+        assert_eq!(w.stats.last, values[9]);
+    }
+
+    #[test]
+    fn late_readings_within_lateness_join_and_beyond_it_revise_or_drop() {
+        for policy in [LatePolicy::Revise, LatePolicy::Drop] {
+            let mut a = agg(policy);
+            let mut out = Vec::new();
+            a.push(1, 1, 5_000, 1.0, 0, &mut out);
+            a.push(1, 1, 11_000, 2.0, 0, &mut out);
+            // Within lateness: window [0,10s) is still open at watermark 11 s.
+            assert_eq!(a.push(1, 1, 9_000, 3.0, 0, &mut out), Pushed::Open);
+            a.push(1, 1, 13_000, 4.0, 0, &mut out);
+            a.advance(0, &mut out);
+            let first = out
+                .iter()
+                .find(|w| w.window_ms == 10_000 && w.start_ms == 0)
+                .cloned();
+            assert_eq!(first.map(|w| (w.stats.count, w.revision)), Some((2, 0)));
+            out.clear();
+            // Beyond lateness.
+            let r = a.push(1, 1, 8_000, 9.0, 0, &mut out);
+            match policy {
+                LatePolicy::Revise => {
+                    assert_eq!(r, Pushed::Revised);
+                    assert_eq!(out.len(), 1);
+                    assert_eq!(
+                        (out[0].stats.count, out[0].revision, out[0].stats.max),
+                        (3, 1, 9.0)
+                    );
+                    assert_eq!(
+                        out[0].stats.last, 3.0,
+                        "last is by timestamp, 9 s beats 8 s"
+                    );
+                }
+                LatePolicy::Drop => {
+                    assert_eq!(r, Pushed::DroppedLate);
+                    assert!(out.is_empty());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn devices_have_their_own_watermarks_and_idle_devices_close() {
+        let mut a = agg(LatePolicy::Drop);
+        let mut out = Vec::new();
+        a.push(1, 1, 1_000, 1.0, 100, &mut out);
+        // Device 2's clock is a day ahead: it must not close device 1's windows.
+        a.push(2, 1, 86_400_000, 1.0, 100, &mut out);
+        a.push(2, 1, 86_500_000, 1.0, 100, &mut out);
+        a.advance(100, &mut out);
+        assert!(out.iter().all(|w| w.device == 2));
+        out.clear();
+        // Device 1 falls silent: after the idle time its windows close anyway.
+        a.advance(100 + 29_999, &mut out);
+        assert!(out.iter().all(|w| w.device != 1));
+        a.advance(100 + 30_000, &mut out);
+        assert_eq!(
+            out.iter().filter(|w| w.device == 1).count(),
+            2,
+            "10 s and 1 min"
+        );
+        assert_eq!(a.open_windows(), 0);
+    }
+
+    #[test]
+    fn several_lengths_sensors_and_nan() {
+        let mut a = agg(LatePolicy::Drop);
+        let mut out = Vec::new();
+        for s in 0..120 {
+            a.push(7, 1, s * 1_000, 1.0, 0, &mut out);
+            a.push(7, 2, s * 1_000, 2.0, 0, &mut out);
+        }
+        assert_eq!(a.push(7, 3, 1, f64::NAN, 0, &mut out), Pushed::Ignored);
+        a.flush(&mut out);
+        let tens = out.iter().filter(|w| w.window_ms == 10_000).count();
+        let mins = out.iter().filter(|w| w.window_ms == 60_000).count();
+        assert_eq!((tens, mins), (24, 4));
+        assert!(out.iter().all(|w| w.sensor != 3));
+        let total: u64 = out
+            .iter()
+            .filter(|w| w.window_ms == 60_000)
+            .map(|w| w.stats.count)
+            .sum();
+        assert_eq!(total, 240);
+        // Negative timestamps land in the right window.
+        assert_eq!(window_start(-1, 10_000), -10_000);
+    }
+}
