@@ -8,7 +8,8 @@ CREATE TABLE device_events (
     ts_ms  INTEGER NOT NULL,
     -- 'online' or 'offline'
     event  TEXT    NOT NULL,
-    -- For offline: why the session ended (closed, timeout, replaced, shutdown, error).
+    -- For offline: why the session ended (closed, timeout, shutdown, error). A session replaced
+    -- by a newer one of the same device records nothing: the device stays online.
     detail TEXT
 );
 CREATE INDEX device_events_device_ts ON device_events (device, ts_ms);

@@ -223,6 +223,20 @@ async fn send_command(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
+    // It must fit one control frame, or no session could ever deliver it.
+    let probe = GatewayMsg::Command {
+        id: proto::control::CommandId(u64::MAX),
+        command: command.clone(),
+    };
+    if proto::control::encode_frame(&probe, proto::control::MAX_FRAME, &mut Vec::new()).is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "command larger than a control frame ({} bytes)",
+                proto::control::MAX_FRAME
+            ),
+        );
+    }
     let targets = match targets(&state, req.device, req.all).await {
         Ok(t) => t,
         Err(r) => return r,
@@ -357,7 +371,11 @@ async fn send_file(
     let sha: [u8; 32] = sha2::Sha256::digest(&body).into();
     // Content-addressed: the same bytes are kept once.
     let path = state.files_dir.join(hex::encode(sha));
-    let tmp = state.files_dir.join(format!("{}.tmp", hex::encode(sha)));
+    let mut nonce = [0u8; 8];
+    rand::rng().fill_bytes(&mut nonce);
+    let tmp = state
+        .files_dir
+        .join(format!("{}.{}.tmp", hex::encode(sha), hex::encode(nonce)));
     let write = async {
         tokio::fs::create_dir_all(&state.files_dir).await?;
         tokio::fs::write(&tmp, &body).await?;

@@ -373,6 +373,16 @@ impl Config {
                 reason: "at least 100ms, and missed_heartbeats at least 1",
             });
         }
+        if self.control.heartbeat > Duration::from_secs(86_400)
+            || self.control.missed_heartbeats > 1000
+            || self.control.handshake_timeout > Duration::from_secs(3600)
+        {
+            return Err(ConfigError::Invalid {
+                field: "control",
+                reason: "heartbeat at most 1 day, missed_heartbeats at most 1000, \
+                         handshake_timeout at most 1h",
+            });
+        }
         if self.control.handshake_timeout.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "control.handshake_timeout",

@@ -217,6 +217,29 @@ impl Drop for TestGateway {
     }
 }
 
+/// A child process killed when dropped, so a failing test never leaves a simulator running.
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Sends signal `sig` (TERM, KILL, INT) to `pid` with the `kill` command.
 ///
 /// # Errors

@@ -53,7 +53,7 @@ fn set_interval_changes_the_rate_of_one_device_only() -> anyhow::Result<()> {
     cmd.args(["--rate", "8", "--batch", "8", "--duration", "120s"])
         .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
         .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     wait_until(Duration::from_secs(30), "3 devices online", || {
         Ok(online_count(&db)? == 3)
     })?;
@@ -109,7 +109,7 @@ fn commands_for_offline_devices_wait_and_are_delivered_once() -> anyhow::Result<
         .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
         .args(["--report", path(&dir.path().join("report.json"))])
         .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     wait_until(
         Duration::from_secs(30),
         "queued commands acknowledged",
@@ -129,6 +129,17 @@ fn commands_for_offline_devices_wait_and_are_delivered_once() -> anyhow::Result<
         .find(|d| d.id == 2)
         .context("device 2")?;
     assert_eq!(d2.commands, 2, "each command applied exactly once");
+    // About 95 KiB of pairs: more than one control frame holds.
+    let pairs: Vec<String> = (0..5000)
+        .map(|i| format!("key{i:05}=value{i:04}"))
+        .collect();
+    let mut args = vec!["send", "--device", "1", "set-config"];
+    args.extend(pairs.iter().map(String::as_str));
+    let err = commands(&gw, &args).unwrap_err();
+    assert!(
+        err.to_string().contains("larger than a control frame"),
+        "{err}"
+    );
     let errors = commands(&gw, &["send", "--device", "99", "ping"]).unwrap_err();
     assert!(errors.to_string().contains("no device 99"), "{errors}");
     gw.stop()?;
@@ -170,7 +181,7 @@ fn pushed_configuration_is_applied_and_reported() -> anyhow::Result<()> {
     cmd.args(["--rate", "8", "--batch", "8", "--duration", "120s"])
         .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
         .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     wait_until(Duration::from_secs(30), "device 2 in sync", || {
         Ok(device_config(&gw, &["--device", "2"])?.contains("in sync   yes"))
     })?;

@@ -32,7 +32,7 @@ fn two_thousand_sessions_online_then_offline() -> anyhow::Result<()> {
     cmd.args(["--rate", "1", "--batch", "1", "--duration", "120s"])
         .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
         .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     wait_until(Duration::from_secs(90), "2000 devices online", || {
         Ok(online_count(&db)? == 2000)
     })?;

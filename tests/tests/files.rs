@@ -38,13 +38,13 @@ fn five_mib_to_a_hundred_devices_survives_cut_sessions() -> anyhow::Result<()> {
     let ca = dir.path().join("certs/ca.pem");
     let files_dir = dir.path().join("sim-files");
     let report = dir.path().join("report.json");
-    let start_sim = || -> anyhow::Result<std::process::Child> {
+    let start_sim = || -> anyhow::Result<KillOnDrop> {
         let mut cmd = sim(gw.udp, &fleet);
         cmd.args(["--rate", "1", "--batch", "1", "--duration", "600s"])
             .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
             .args(["--files-dir", path(&files_dir), "--report", path(&report)])
             .stdout(std::process::Stdio::null());
-        Ok(cmd.spawn()?)
+        Ok(KillOnDrop(cmd.spawn()?))
     };
     let mut first = start_sim()?;
     wait_until(Duration::from_secs(60), "100 devices online", || {

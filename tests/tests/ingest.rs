@@ -309,7 +309,7 @@ fn load_then(
     ])
     .args(["--readings-log", path(&log)])
     .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     let db = gw.db.clone();
     wait_until(
         Duration::from_secs(30),

@@ -41,15 +41,18 @@ pub(crate) struct Conn<S> {
     buf: Vec<u8>,
     out: Vec<u8>,
     max: usize,
+    /// A peer that does not read for this long fails the write (it cannot hang the session).
+    write_timeout: std::time::Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    pub(crate) fn new(io: S, max: usize) -> Self {
+    pub(crate) fn new(io: S, max: usize, write_timeout: std::time::Duration) -> Self {
         Self {
             io,
             buf: Vec::with_capacity(4096),
             out: Vec::with_capacity(4096),
             max,
+            write_timeout,
         }
     }
 
@@ -84,9 +87,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     async fn write(&mut self, msg: &GatewayMsg) -> Result<(), End> {
         self.out.clear();
         encode_frame(msg, MAX_FRAME, &mut self.out).map_err(|_| End::Error)?;
-        self.io.write_all(&self.out).await.map_err(|_| End::Error)?;
-        self.io.flush().await.map_err(|_| End::Error)
+        let io = &mut self.io;
+        let out = &self.out;
+        let write = async move {
+            io.write_all(out).await?;
+            io.flush().await
+        };
+        match timeout(self.write_timeout, write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(End::Error),
+        }
     }
+}
+
+/// How long a write may wait for a peer that does not read: the session's idle time.
+fn write_timeout(shared: &Shared) -> std::time::Duration {
+    shared
+        .cfg
+        .heartbeat
+        .saturating_mul(shared.cfg.missed_heartbeats)
 }
 
 /// Serves one accepted connection to its end.
@@ -121,7 +140,7 @@ pub(crate) async fn serve(
                 return;
             }
             session(
-                Conn::new(tls, MAX_FRAME),
+                Conn::new(tls, MAX_FRAME, write_timeout(shared)),
                 peer,
                 &binding,
                 deadline,
@@ -132,7 +151,7 @@ pub(crate) async fn serve(
         }
         None => {
             session(
-                Conn::new(stream, MAX_FRAME),
+                Conn::new(stream, MAX_FRAME, write_timeout(shared)),
                 peer,
                 &[],
                 deadline,
@@ -223,7 +242,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = shared.presence.send(Presence::Online(device)).await;
     tracing::debug!(device = device.0, %peer, session, "session started");
     let heartbeat = shared.cfg.heartbeat;
-    let idle = heartbeat * shared.cfg.missed_heartbeats;
+    let idle = write_timeout(shared);
     let mut reason = "closed";
     let welcomed = conn
         .write(&GatewayMsg::Welcome {
@@ -264,10 +283,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             delivered = false;
             break;
         }
-        let _ = shared
-            .store
-            .set_command_status(id, CommandStatus::Sent, None)
-            .await;
+        let _ = shared.store.command_sent(id).await;
     }
     let mut files = Files::default();
     if delivered && !files.start(&mut conn, device, shared).await {
@@ -277,6 +293,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         reason = "error";
     } else {
         let mut last_seen = Instant::now();
+        // Reset only when a frame arrives: outbound traffic does not keep a silent device alive.
+        let mut silent_until = Instant::now() + idle;
         loop {
             tokio::select! {
                 biased;
@@ -290,10 +308,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         Outbound::Msg(out) => {
                             let ok = conn.write(&out).await.is_ok();
                             if let (true, GatewayMsg::Command { id, .. }) = (ok, &out) {
-                                let _ = shared
-                                    .store
-                                    .set_command_status(*id, CommandStatus::Sent, None)
-                                    .await;
+                                let _ = shared.store.command_sent(*id).await;
                             }
                             ok
                         }
@@ -304,17 +319,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         break;
                     }
                 }
-                msg = timeout(idle, conn.read()) => match msg {
-                    Err(_) => {
-                        reason = "timeout";
-                        break;
-                    }
-                    Ok(Ok(None)) | Ok(Err(End::Closed)) => break,
-                    Ok(Err(End::Error)) => {
+                _ = tokio::time::sleep_until(silent_until) => {
+                    reason = "timeout";
+                    break;
+                }
+                msg = conn.read() => match msg {
+                    Ok(None) | Err(End::Closed) => break,
+                    Err(End::Error) => {
                         reason = "error";
                         break;
                     }
-                    Ok(Ok(Some(msg))) => {
+                    Ok(Some(msg)) => {
+                        silent_until = Instant::now() + idle;
                         if last_seen.elapsed() >= heartbeat {
                             last_seen = Instant::now();
                             let _ = shared.presence.send(Presence::Seen(device)).await;
@@ -364,20 +380,29 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     }
-    let still_ours = {
+    // Remove ourselves and queue the offline event under the registry lock, so a newer
+    // session's online event (queued after it takes the lock) always comes after ours.
+    let (still_ours, queued) = {
         let mut map = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(&device).map(|h| h.session) == Some(session) {
             map.remove(&device);
-            true
+            let queued = shared
+                .presence
+                .try_send(Presence::Offline(device, reason))
+                .is_ok();
+            (true, queued)
         } else {
-            false
+            (false, false)
         }
     };
     if still_ours {
-        let _ = shared
-            .presence
-            .send(Presence::Offline(device, reason))
-            .await;
+        if !queued {
+            // The presence queue was full: wait for room (ordering is then best effort).
+            let _ = shared
+                .presence
+                .send(Presence::Offline(device, reason))
+                .await;
+        }
     } else {
         let _ = conn
             .write(&GatewayMsg::Denied {
@@ -439,10 +464,15 @@ impl Files {
                 }
                 Err(e) => {
                     let detail = format!("gateway cannot read the file: {e}");
-                    let _ = shared
+                    if shared
                         .store
                         .update_transfer(device, t.id, "failed", 0, Some(&detail))
-                        .await;
+                        .await
+                        .is_err()
+                    {
+                        // Could not record it: try again on the next session, not in a loop.
+                        return true;
+                    }
                 }
             }
         }
@@ -460,7 +490,8 @@ impl Files {
         let Some(s) = self.current.as_mut().filter(|s| s.t.id == transfer) else {
             return true;
         };
-        if offset > s.t.size {
+        // A device can confirm neither more than the file nor more than it was sent.
+        if offset > s.t.size || s.next.is_some_and(|next| offset > next) {
             return false;
         }
         match s.next {
@@ -488,7 +519,7 @@ impl Files {
         // Send while the window has room.
         let mut buf = vec![0u8; MAX_CHUNK];
         while let Some(next) = s.next {
-            if next >= s.t.size || next - s.acked >= FILE_WINDOW {
+            if next >= s.t.size || next.saturating_sub(s.acked) >= FILE_WINDOW {
                 break;
             }
             let len = (s.t.size - next).min(MAX_CHUNK as u64) as usize;
@@ -528,10 +559,16 @@ impl Files {
         let Some(s) = self.current.take_if(|s| s.t.id == transfer) else {
             return true;
         };
-        let (status, detail) = if ok && sha256 == s.t.sha256 {
+        // Every byte must have been sent in this session, or the device already held the whole
+        // file when the offer came (it answered the offer with FileDone).
+        let complete = s.next.is_none_or(|next| next == s.t.size);
+        let (status, detail) = if ok && sha256 == s.t.sha256 && complete {
             ("done", None)
         } else {
-            ("failed", Some("the device's SHA-256 does not match"))
+            (
+                "failed",
+                Some("the device reported a SHA-256 mismatch or was not sent every byte"),
+            )
         };
         let _ = shared
             .store

@@ -150,6 +150,23 @@ impl Store {
         Ok(out)
     }
 
+    /// Marks a queued command as sent; a command already answered or expired keeps its status.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn command_sent(&self, id: CommandId) -> Result<(), StoreError> {
+        let (current,): (Option<String>,) =
+            sqlx::query_as("SELECT max(status) FROM commands WHERE id = ?")
+                .bind(id.0 as i64)
+                .fetch_one(self.pool())
+                .await?;
+        if current.as_deref() == Some("queued") {
+            self.set_command_status(id, CommandStatus::Sent, None)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Records a status change (and the device's answer, if any).
     ///
     /// # Errors
@@ -204,6 +221,14 @@ impl Store {
                 .await?;
         if owner != Some(i64::from(device.0)) {
             return Ok(false);
+        }
+        // A resend answered "duplicate" must not overwrite the first answer.
+        let (current,): (String,) = sqlx::query_as("SELECT status FROM commands WHERE id = ?")
+            .bind(id.0 as i64)
+            .fetch_one(self.pool())
+            .await?;
+        if matches!(current.as_str(), "acknowledged" | "failed") {
+            return Ok(true);
         }
         self.set_command_status(id, status, Some(detail)).await?;
         Ok(true)

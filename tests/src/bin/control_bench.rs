@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         .arg("--files-dir")
         .arg(dir.path().join("sim-files"))
         .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn()?;
+    let mut child = KillOnDrop(cmd.spawn()?);
     let t0 = SystemTime::now();
     let n = args.devices as usize;
     wait_until(Duration::from_secs(300), "all devices online", || {
