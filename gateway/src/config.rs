@@ -26,9 +26,224 @@ pub struct Config {
     /// The operator HTTP API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Windowed aggregation of readings.
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
+    /// Forwarding of aggregates to an MQTT broker.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
     /// Process-level settings.
     #[serde(default)]
     pub service: ServiceConfig,
+}
+
+/// What to do with a reading that arrives after its window closed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LateReadings {
+    /// Re-emit the window's aggregate, corrected, with the next revision number.
+    #[default]
+    Revise,
+    /// Count the reading as dropped from aggregation (it is still stored as a raw reading).
+    Drop,
+}
+
+/// Windowed aggregation settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    /// Compute aggregates at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Tumbling window lengths, by the readings' own timestamps. Default `["10s", "1m"]`.
+    #[serde(default = "default_windows", with = "humantime_list")]
+    pub windows: Vec<Duration>,
+    /// How far behind a device's newest timestamp a reading may be and still join its window
+    /// before the window closes. Default 5s.
+    #[serde(default = "default_lateness", with = "humantime_serde")]
+    pub lateness: Duration,
+    /// Readings later than that: `revise` or `drop`. Default `revise`.
+    #[serde(default)]
+    pub late: LateReadings,
+    /// A device silent this long (gateway clock) has its open windows closed. Default 1m.
+    #[serde(default = "default_idle", with = "humantime_serde")]
+    pub idle: Duration,
+    /// How long closed windows are kept in memory for revisions, by event time. Default 10m.
+    #[serde(default = "default_keep_closed", with = "humantime_serde")]
+    pub keep_closed: Duration,
+}
+
+fn default_windows() -> Vec<Duration> {
+    vec![Duration::from_secs(10), Duration::from_secs(60)]
+}
+fn default_lateness() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_keep_closed() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            windows: default_windows(),
+            lateness: default_lateness(),
+            late: LateReadings::default(),
+            idle: default_idle(),
+            keep_closed: default_keep_closed(),
+        }
+    }
+}
+
+/// A list of humantime durations in TOML (`["10s", "1m"]`).
+mod humantime_list {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+/// MQTT forwarding settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Forward to a broker. Default false: aggregates are only stored.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Broker host. Default `127.0.0.1`.
+    #[serde(default = "default_mqtt_host")]
+    pub host: String,
+    /// Broker port. Default 1883 (8883 is usual with TLS).
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// Client id. Default: the gateway id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Username, when the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Connect with TLS, verifying the broker against `ca`. Default false.
+    #[serde(default)]
+    pub tls: bool,
+    /// CA certificate (PEM) that signed the broker's certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that authenticate clients by certificate.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// First topic level(s). Default `gateway`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Keep-alive interval. Default 30s.
+    #[serde(default = "default_keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Publishes awaiting the broker's acknowledgement at once. Default 100.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u16,
+    /// After an outage, the backlog drains oldest-first at most this many messages a second
+    /// (live aggregates go first). Default 1,000.
+    #[serde(default = "default_backlog_rate")]
+    pub backlog_rate: u32,
+    /// Most messages kept for the broker; beyond it the oldest aggregates are dropped (counted
+    /// and logged; raw readings are never touched). Default 1,000,000.
+    #[serde(default = "default_outbox_rows")]
+    pub outbox_max_rows: u64,
+    /// Most payload bytes kept for the broker. Default 256 MiB.
+    #[serde(default = "default_outbox_bytes")]
+    pub outbox_max_bytes: u64,
+    /// First reconnect delay; it doubles (with jitter) up to `reconnect_max`. Default 500ms.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay. Default 30s.
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+fn default_mqtt_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_prefix() -> String {
+    "gateway".into()
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_backlog_rate() -> u32 {
+    1000
+}
+fn default_outbox_rows() -> u64 {
+    1_000_000
+}
+fn default_outbox_bytes() -> u64 {
+    256 << 20
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            host: default_mqtt_host(),
+            port: default_mqtt_port(),
+            client_id: None,
+            username: None,
+            password: None,
+            tls: false,
+            ca: None,
+            client_cert: None,
+            client_key: None,
+            topic_prefix: default_prefix(),
+            keep_alive: default_keep_alive(),
+            max_inflight: default_inflight(),
+            backlog_rate: default_backlog_rate(),
+            outbox_max_rows: default_outbox_rows(),
+            outbox_max_bytes: default_outbox_bytes(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+        }
+    }
+}
+
+/// Whether `s` is a valid sequence of MQTT topic levels to publish under: not empty, no
+/// wildcards, no NUL, no empty level, at most 32 levels of at most 64 bytes... and no leading
+/// `$` (reserved for broker topics).
+pub fn valid_topic_levels(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && !s.starts_with('$')
+        && s
+            .split('/')
+            .all(|l| !l.is_empty() && !l.contains(['+', '#', '\0']) && l.chars().all(|c| !c.is_control()))
 }
 
 /// UDP telemetry ingest settings.
@@ -120,6 +335,23 @@ pub fn token_file(db: &Path) -> PathBuf {
 }
 
 impl Config {
+    /// The gateway id in force: the setting, else the host name, else `gateway`.
+    pub fn gateway_id(&self) -> String {
+        if let Some(id) = &self.service.id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let id: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+            .take(64)
+            .collect();
+        if id.is_empty() { "gateway".into() } else { id }
+    }
+
     /// The folder where files for devices are kept: `files/` beside the database.
     pub fn files_dir(&self) -> PathBuf {
         self.store
@@ -229,6 +461,10 @@ pub struct ServiceConfig {
     /// How often counters are written to the database for `gateway stats`. Default 1s.
     #[serde(default = "default_stats_interval", with = "humantime_serde")]
     pub stats_interval: Duration,
+    /// This gateway's id: one MQTT topic level and the `gateway` field of every payload.
+    /// Default: the host name (letters, digits, `-` and `_` kept), or `gateway`.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -285,6 +521,7 @@ impl Default for ServiceConfig {
         Self {
             shutdown_grace: default_grace(),
             stats_interval: default_stats_interval(),
+            id: None,
         }
     }
 }
@@ -387,6 +624,67 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "control.handshake_timeout",
                 reason: "must be positive",
+            });
+        }
+        if !valid_topic_levels(&self.gateway_id()) || self.gateway_id().contains('/') {
+            return Err(ConfigError::Invalid {
+                field: "service.id",
+                reason: "one MQTT topic level: no '/', '+', '#', NUL or leading '$', at most 256 bytes",
+            });
+        }
+        if !valid_topic_levels(&self.mqtt.topic_prefix) {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.topic_prefix",
+                reason: "MQTT topic levels: not empty, no empty level, no '+', '#', NUL or leading '$'",
+            });
+        }
+        let a = &self.aggregate;
+        if a.windows.is_empty()
+            || a
+                .windows
+                .iter()
+                .any(|w| *w < Duration::from_secs(1) || *w > Duration::from_secs(86_400))
+        {
+            return Err(ConfigError::Invalid {
+                field: "aggregate.windows",
+                reason: "at least one window, each between 1s and 1 day",
+            });
+        }
+        if a.lateness > Duration::from_secs(86_400) || a.keep_closed > Duration::from_secs(7 * 86_400) || a.idle.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "aggregate",
+                reason: "lateness at most 1 day, keep_closed at most 7 days, idle positive",
+            });
+        }
+        let m = &self.mqtt;
+        if m.max_inflight == 0 || m.max_inflight > 10_000 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.max_inflight",
+                reason: "between 1 and 10000",
+            });
+        }
+        if m.backlog_rate == 0 || m.outbox_max_rows == 0 || m.outbox_max_bytes < 4096 {
+            return Err(ConfigError::Invalid {
+                field: "mqtt",
+                reason: "backlog_rate and outbox_max_rows positive, outbox_max_bytes at least 4096",
+            });
+        }
+        if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max || m.keep_alive < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.reconnect_min",
+                reason: "positive and at most reconnect_max; keep_alive at least 1s",
+            });
+        }
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.client_cert",
+                reason: "client_cert and client_key go together",
+            });
+        }
+        if m.tls && m.ca.is_none() {
+            return Err(ConfigError::Invalid {
+                field: "mqtt.ca",
+                reason: "required with mqtt.tls = true",
             });
         }
         if self.service.stats_interval.is_zero() {

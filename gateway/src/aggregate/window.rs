@@ -49,35 +49,57 @@ pub struct Stats {
     pub mean: f64,
     /// Sum of squared differences from the mean.
     m2: f64,
-    /// Timestamp of the latest reading.
-    pub last_ts: i64,
-    /// Value of the latest reading (the later arrival wins a tie).
+    /// Order key (timestamp, sequence, index) of the latest reading: the largest wins, so
+    /// `last` does not depend on arrival order.
+    pub last_key: (i64, u64, u16),
+    /// Value of the latest reading.
     pub last: f64,
 }
 
 impl Stats {
-    fn new(ts: i64, v: f64) -> Self {
+    fn new(key: (i64, u64, u16), v: f64) -> Self {
         Self {
             count: 1,
             min: v,
             max: v,
             mean: v,
             m2: 0.0,
-            last_ts: ts,
+            last_key: key,
             last: v,
         }
     }
 
-    fn add(&mut self, ts: i64, v: f64) {
+    fn add(&mut self, key: (i64, u64, u16), v: f64) {
         self.count += 1;
         self.min = self.min.min(v);
         self.max = self.max.max(v);
         let delta = v - self.mean;
         self.mean += delta / self.count as f64;
         self.m2 += delta * (v - self.mean);
-        if ts >= self.last_ts {
-            self.last_ts = ts;
+        if key >= self.last_key {
+            self.last_key = key;
             self.last = v;
+        }
+    }
+
+    /// Statistics as stored (the sum of squares is recovered from the standard deviation).
+    pub fn from_parts(
+        count: u64,
+        min: f64,
+        max: f64,
+        mean: f64,
+        stddev: f64,
+        last_key: (i64, u64, u16),
+        last: f64,
+    ) -> Self {
+        Self {
+            count,
+            min,
+            max,
+            mean,
+            m2: stddev * stddev * count as f64,
+            last_key,
+            last,
         }
     }
 
@@ -122,6 +144,29 @@ pub enum Pushed {
     Ignored,
 }
 
+/// One reading as the aggregator takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    /// Device.
+    pub device: u32,
+    /// Sensor.
+    pub sensor: u16,
+    /// Timestamp, ms, device clock.
+    pub ts: i64,
+    /// Sequence number of its datagram.
+    pub seq: u64,
+    /// Index in its datagram.
+    pub idx: u16,
+    /// Value.
+    pub value: f64,
+}
+
+impl Sample {
+    fn key(&self) -> (i64, u64, u16) {
+        (self.ts, self.seq, self.idx)
+    }
+}
+
 /// Key of a window: (length, start, sensor).
 type Key = (u64, i64, u16);
 
@@ -142,9 +187,52 @@ pub struct Aggregator {
     devices: HashMap<u32, DeviceState>,
 }
 
-fn window_start(ts: i64, len: u64) -> i64 {
+/// Start of the window of length `len` that holds `ts`.
+pub fn window_start(ts: i64, len: u64) -> i64 {
     let len = len as i64;
     ts - ts.rem_euclid(len)
+}
+
+/// The watermark at which a window closes: its end plus the allowed lateness.
+fn closes_at((len, start, _): Key, lateness_ms: u64) -> i64 {
+    start
+        .saturating_add(len as i64)
+        .saturating_add(lateness_ms as i64)
+}
+
+fn close_due(
+    device: u32,
+    d: &mut DeviceState,
+    lateness_ms: u64,
+    keep_closed_ms: u64,
+    idle: bool,
+    out: &mut Vec<Aggregate>,
+) {
+    let Some(wm) = d.watermark else { return };
+    let due: Vec<Key> = d
+        .open
+        .keys()
+        .filter(|k| idle || closes_at(**k, lateness_ms) <= wm)
+        .copied()
+        .collect();
+    for key in due {
+        if let Some(s) = d.open.remove(&key) {
+            out.push(Aggregate {
+                device,
+                sensor: key.2,
+                window_ms: key.0,
+                start_ms: key.1,
+                stats: s,
+                revision: 0,
+            });
+            d.closed.insert(key, (s, 0));
+        }
+    }
+    if !d.closed.is_empty() {
+        let horizon = wm.saturating_sub(keep_closed_ms as i64);
+        d.closed
+            .retain(|(len, start, _), _| start.saturating_add(*len as i64) > horizon);
+    }
 }
 
 impl Aggregator {
@@ -159,39 +247,37 @@ impl Aggregator {
         }
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> &AggregatorConfig {
+        &self.cfg
+    }
+
     /// Adds a reading received at gateway time `now_ms`; closed windows it corrects are
     /// appended to `out`.
-    pub fn push(
-        &mut self,
-        device: u32,
-        sensor: u16,
-        ts: i64,
-        value: f64,
-        now_ms: u64,
-        out: &mut Vec<Aggregate>,
-    ) -> Pushed {
-        if value.is_nan() {
+    pub fn push(&mut self, r: Sample, now_ms: u64, out: &mut Vec<Aggregate>) -> Pushed {
+        if r.value.is_nan() {
             return Pushed::Ignored;
         }
         let cfg = &self.cfg;
-        let d = self.devices.entry(device).or_default();
+        let d = self.devices.entry(r.device).or_default();
         d.seen_ms = d.seen_ms.max(now_ms);
-        d.watermark = Some(d.watermark.map_or(ts, |w| w.max(ts)));
+        let wm = d.watermark.map_or(r.ts, |w| w.max(r.ts));
+        d.watermark = Some(wm);
         let mut result = Pushed::Open;
         for &len in &cfg.windows_ms {
-            let key = (len, window_start(ts, len), sensor);
+            let key = (len, window_start(r.ts, len), r.sensor);
             if let Some(s) = d.open.get_mut(&key) {
-                s.add(ts, value);
+                s.add(r.key(), r.value);
                 continue;
             }
             if let Some((s, rev)) = d.closed.get_mut(&key) {
                 match cfg.late {
                     LatePolicy::Revise => {
-                        s.add(ts, value);
+                        s.add(r.key(), r.value);
                         *rev += 1;
                         out.push(Aggregate {
-                            device,
-                            sensor,
+                            device: r.device,
+                            sensor: r.sensor,
                             window_ms: len,
                             start_ms: key.1,
                             stats: *s,
@@ -205,57 +291,69 @@ impl Aggregator {
                 }
                 continue;
             }
-            let wm = d.watermark.unwrap_or(ts);
-            let closes_at = key
-                .1
-                .saturating_add(len as i64)
-                .saturating_add(cfg.lateness_ms as i64);
-            if closes_at <= wm {
+            if closes_at(key, cfg.lateness_ms) <= wm {
                 // Its window would already have closed and is not remembered (or never
                 // existed): too late.
                 result = Pushed::DroppedLate;
             } else {
-                d.open.insert(key, Stats::new(ts, value));
+                d.open.insert(key, Stats::new(r.key(), r.value));
             }
         }
         result
     }
 
-    /// Closes windows whose end plus lateness the device's watermark has passed, and every
-    /// open window of devices silent for the idle time; forgets closed windows older than the
-    /// keep time. Closed windows are appended to `out` (revision 0).
+    /// Restores a device after a restart: its watermark (newest stored reading) and the
+    /// windows already closed (as stored), before its recent readings are replayed with
+    /// [`Aggregator::replay`].
+    pub fn restore(&mut self, device: u32, watermark: i64, closed: &[Aggregate], now_ms: u64) {
+        let d = self.devices.entry(device).or_default();
+        d.watermark = Some(d.watermark.map_or(watermark, |w| w.max(watermark)));
+        d.seen_ms = d.seen_ms.max(now_ms);
+        for a in closed {
+            d.closed
+                .insert((a.window_ms, a.start_ms, a.sensor), (a.stats, a.revision));
+        }
+    }
+
+    /// Re-adds a stored reading after [`Aggregator::restore`]: it joins (or opens) windows that
+    /// were open when the gateway stopped and is ignored for windows already closed or that
+    /// its device's watermark has passed (they were emitted, or it was dropped as late).
+    pub fn replay(&mut self, r: Sample) {
+        if r.value.is_nan() {
+            return;
+        }
+        let cfg = &self.cfg;
+        let d = self.devices.entry(r.device).or_default();
+        let wm = d.watermark.map_or(r.ts, |w| w.max(r.ts));
+        d.watermark = Some(wm);
+        for &len in &cfg.windows_ms {
+            let key = (len, window_start(r.ts, len), r.sensor);
+            if let Some(s) = d.open.get_mut(&key) {
+                s.add(r.key(), r.value);
+            } else if !d.closed.contains_key(&key) && closes_at(key, cfg.lateness_ms) > wm {
+                d.open.insert(key, Stats::new(r.key(), r.value));
+            }
+        }
+    }
+
+    /// Closes the windows of `device` whose end plus lateness its watermark has passed,
+    /// appending them to `out` (revision 0). Cheap: call it for each device a batch touched.
+    pub fn advance_device(&mut self, device: u32, out: &mut Vec<Aggregate>) {
+        let lateness = self.cfg.lateness_ms;
+        let keep = self.cfg.keep_closed_ms;
+        if let Some(d) = self.devices.get_mut(&device) {
+            close_due(device, d, lateness, keep, false, out);
+        }
+    }
+
+    /// Closes due windows of every device, and every open window of devices silent (by the
+    /// gateway clock) for the idle time; forgets closed windows older than the keep time.
+    /// Closed windows are appended to `out` (revision 0).
     pub fn advance(&mut self, now_ms: u64, out: &mut Vec<Aggregate>) {
         let cfg = &self.cfg;
         for (&device, d) in &mut self.devices {
-            let Some(wm) = d.watermark else { continue };
             let idle = now_ms.saturating_sub(d.seen_ms) >= cfg.idle_ms;
-            let due: Vec<Key> = d
-                .open
-                .keys()
-                .filter(|(len, start, _)| {
-                    idle || start
-                        .saturating_add(*len as i64)
-                        .saturating_add(cfg.lateness_ms as i64)
-                        <= wm
-                })
-                .copied()
-                .collect();
-            for key in due {
-                if let Some(s) = d.open.remove(&key) {
-                    out.push(Aggregate {
-                        device,
-                        sensor: key.2,
-                        window_ms: key.0,
-                        start_ms: key.1,
-                        stats: s,
-                        revision: 0,
-                    });
-                    d.closed.insert(key, (s, 0));
-                }
-            }
-            let horizon = wm.saturating_sub(cfg.keep_closed_ms as i64);
-            d.closed
-                .retain(|(len, start, _), _| start.saturating_add(*len as i64) > horizon);
+            close_due(device, d, cfg.lateness_ms, cfg.keep_closed_ms, idle, out);
         }
     }
 
@@ -284,6 +382,96 @@ mod tests {
         })
     }
 
+    fn s(device: u32, sensor: u16, ts: i64, value: f64) -> Sample {
+        Sample {
+            device,
+            sensor,
+            ts,
+            seq: ts as u64,
+            idx: 0,
+            value,
+        }
+    }
+
+    #[test]
+    fn restore_and_replay_continue_exactly_where_a_crash_left_off() {
+        // A reference aggregator runs through; a second one "crashes" at every 37th reading:
+        // it is rebuilt from what was stored (the readings so far and the closed windows) and
+        // must emit exactly what the reference emits from there on.
+        let mut reference = agg(LatePolicy::Revise);
+        let mut stored: Vec<Sample> = Vec::new();
+        let mut closed: std::collections::BTreeMap<(u32, u64, i64, u16), Aggregate> =
+            Default::default();
+        let mut live = agg(LatePolicy::Revise);
+        let mut rng = 12345u64;
+        for i in 0..3_000i64 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let late = (rng >> 33) % 10 == 0;
+            let device = (rng >> 40) as u32 % 3;
+            let ts = i * 300 - if late { ((rng >> 20) % 20_000) as i64 } else { 0 };
+            let r = Sample {
+                device,
+                sensor: (rng >> 50) as u16 % 2,
+                ts,
+                seq: i as u64,
+                idx: 0,
+                value: ((rng >> 11) % 1000) as f64 / 10.0,
+            };
+            let (mut o1, mut o2) = (Vec::new(), Vec::new());
+            reference.push(r, 0, &mut o1);
+            reference.advance_device(device, &mut o1);
+            live.push(r, 0, &mut o2);
+            live.advance_device(device, &mut o2);
+            assert_eq!(o1.len(), o2.len(), "reading {i}");
+            for (x, y) in o1.iter().zip(&o2) {
+                assert!(same(x, y), "reading {i}: {x:?} vs {y:?}");
+            }
+            stored.push(r);
+            for a in o2 {
+                closed.insert((a.device, a.window_ms, a.start_ms, a.sensor), a);
+            }
+            if i % 37 == 36 {
+                live = agg(LatePolicy::Revise);
+                for dev in 0..3u32 {
+                    let Some(wm) = stored.iter().filter(|r| r.device == dev).map(|r| r.ts).max()
+                    else {
+                        continue;
+                    };
+                    let mine: Vec<Aggregate> =
+                        closed.values().filter(|a| a.device == dev).cloned().collect();
+                    live.restore(dev, wm, &mine, 0);
+                }
+                let mut sorted = stored.clone();
+                sorted.sort_by_key(|r| (r.device, r.ts, r.seq, r.idx));
+                for r in sorted {
+                    live.replay(r);
+                }
+            }
+        }
+        let (mut o1, mut o2) = (Vec::new(), Vec::new());
+        reference.flush(&mut o1);
+        live.flush(&mut o2);
+        o1.sort_by_key(|a| (a.device, a.window_ms, a.start_ms, a.sensor));
+        o2.sort_by_key(|a| (a.device, a.window_ms, a.start_ms, a.sensor));
+        assert_eq!(o1.len(), o2.len());
+        let revisions = closed.values().filter(|a| a.revision > 0).count();
+        assert!(closed.len() > 500 && revisions > 50, "{} windows, {revisions} revised", closed.len());
+        for (x, y) in o1.iter().zip(&o2) {
+            assert!(same(x, y), "{x:?} vs {y:?}");
+        }
+    }
+
+    /// Equal but for rounding: the sum of squares depends on the order readings were added.
+    fn same(x: &Aggregate, y: &Aggregate) -> bool {
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+        (x.device, x.sensor, x.window_ms, x.start_ms, x.revision)
+            == (y.device, y.sensor, y.window_ms, y.start_ms, y.revision)
+            && (x.stats.count, x.stats.min, x.stats.max, x.stats.last_key, x.stats.last)
+                == (y.stats.count, y.stats.min, y.stats.max, y.stats.last_key, y.stats.last)
+            && close(x.stats.mean, y.stats.mean)
+            && close(x.stats.stddev(), y.stats.stddev())
+    }
+
     fn naive(values: &[f64]) -> (f64, f64, f64, f64) {
         let n = values.len() as f64;
         let mean = values.iter().sum::<f64>() / n;
@@ -299,15 +487,15 @@ mod tests {
         let mut out = Vec::new();
         let values: Vec<f64> = (0..10).map(|i| f64::from(i) * 1.5 - 3.0).collect();
         for (i, v) in values.iter().enumerate() {
-            a.push(1, 1, 1_000 * i as i64, *v, 0, &mut out);
+            a.push(s(1, 1, 1_000 * i as i64, *v), 0, &mut out);
         }
         a.advance(0, &mut out);
         assert!(out.is_empty(), "window [0,10s) still open");
         // 11.999 s: not yet past 10 s + 2 s of lateness.
-        a.push(1, 1, 11_999, 100.0, 0, &mut out);
+        a.push(s(1, 1, 11_999, 100.0), 0, &mut out);
         a.advance(0, &mut out);
         assert!(out.is_empty());
-        a.push(1, 1, 12_000, 100.0, 0, &mut out);
+        a.push(s(1, 1, 12_000, 100.0), 0, &mut out);
         a.advance(0, &mut out);
         assert_eq!(out.len(), 1);
         let w = &out[0];
@@ -327,11 +515,11 @@ mod tests {
         for policy in [LatePolicy::Revise, LatePolicy::Drop] {
             let mut a = agg(policy);
             let mut out = Vec::new();
-            a.push(1, 1, 5_000, 1.0, 0, &mut out);
-            a.push(1, 1, 11_000, 2.0, 0, &mut out);
+            a.push(s(1, 1, 5_000, 1.0), 0, &mut out);
+            a.push(s(1, 1, 11_000, 2.0), 0, &mut out);
             // Within lateness: window [0,10s) is still open at watermark 11 s.
-            assert_eq!(a.push(1, 1, 9_000, 3.0, 0, &mut out), Pushed::Open);
-            a.push(1, 1, 13_000, 4.0, 0, &mut out);
+            assert_eq!(a.push(s(1, 1, 9_000, 3.0), 0, &mut out), Pushed::Open);
+            a.push(s(1, 1, 13_000, 4.0), 0, &mut out);
             a.advance(0, &mut out);
             let first = out
                 .iter()
@@ -340,7 +528,7 @@ mod tests {
             assert_eq!(first.map(|w| (w.stats.count, w.revision)), Some((2, 0)));
             out.clear();
             // Beyond lateness.
-            let r = a.push(1, 1, 8_000, 9.0, 0, &mut out);
+            let r = a.push(s(1, 1, 8_000, 9.0), 0, &mut out);
             match policy {
                 LatePolicy::Revise => {
                     assert_eq!(r, Pushed::Revised);
@@ -366,10 +554,10 @@ mod tests {
     fn devices_have_their_own_watermarks_and_idle_devices_close() {
         let mut a = agg(LatePolicy::Drop);
         let mut out = Vec::new();
-        a.push(1, 1, 1_000, 1.0, 100, &mut out);
+        a.push(s(1, 1, 1_000, 1.0), 100, &mut out);
         // Device 2's clock is a day ahead: it must not close device 1's windows.
-        a.push(2, 1, 86_400_000, 1.0, 100, &mut out);
-        a.push(2, 1, 86_500_000, 1.0, 100, &mut out);
+        a.push(s(2, 1, 86_400_000, 1.0), 100, &mut out);
+        a.push(s(2, 1, 86_500_000, 1.0), 100, &mut out);
         a.advance(100, &mut out);
         assert!(out.iter().all(|w| w.device == 2));
         out.clear();
@@ -389,11 +577,11 @@ mod tests {
     fn several_lengths_sensors_and_nan() {
         let mut a = agg(LatePolicy::Drop);
         let mut out = Vec::new();
-        for s in 0..120 {
-            a.push(7, 1, s * 1_000, 1.0, 0, &mut out);
-            a.push(7, 2, s * 1_000, 2.0, 0, &mut out);
+        for t in 0..120 {
+            a.push(s(7, 1, t * 1_000, 1.0), 0, &mut out);
+            a.push(s(7, 2, t * 1_000, 2.0), 0, &mut out);
         }
-        assert_eq!(a.push(7, 3, 1, f64::NAN, 0, &mut out), Pushed::Ignored);
+        assert_eq!(a.push(s(7, 3, 1, f64::NAN), 0, &mut out), Pushed::Ignored);
         a.flush(&mut out);
         let tens = out.iter().filter(|w| w.window_ms == 10_000).count();
         let mins = out.iter().filter(|w| w.window_ms == 60_000).count();
