@@ -246,37 +246,27 @@ async fn send_command(
         .unwrap_or(86_400)
         .saturating_mul(1000)
         .min(i64::MAX as u64) as i64;
-    let queued = match state
-        .store
-        .enqueue_commands(&targets, &command, ttl_ms)
-        .await
+    let queued = match crate::control::queue_command(
+        &state.store,
+        &state.sessions,
+        &targets,
+        &command,
+        ttl_ms,
+        None,
+    )
+    .await
     {
         Ok(q) => q,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let mut out = Vec::with_capacity(queued.len());
-    for (device, id) in queued {
-        let handle = state
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&device)
-            .cloned();
-        // Online: hand it to the session now. Offline or a full session queue: it stays queued
-        // and the device gets it when it (re)connects.
-        let online = handle.is_some_and(|h| {
-            h.tx.try_send(Outbound::Msg(GatewayMsg::Command {
-                id,
-                command: command.clone(),
-            }))
-            .is_ok()
-        });
-        out.push(Queued {
+    let out: Vec<Queued> = queued
+        .into_iter()
+        .map(|(device, id, online)| Queued {
             device: device.0,
             id: id.0,
             online,
-        });
-    }
+        })
+        .collect();
     (StatusCode::CREATED, Json(out)).into_response()
 }
 

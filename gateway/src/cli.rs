@@ -1,7 +1,7 @@
 //! The command line: verbs, their flags and environment variables, and how results are
 //! printed. Settings are merged here, at the edge: defaults < TOML file < environment < flags.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,6 +71,101 @@ pub enum Command {
     /// Files to devices (firmware, config files), through the running gateway's admin API.
     #[command(subcommand)]
     Files(FilesCommand),
+    /// Windowed aggregates.
+    #[command(subcommand)]
+    Aggregates(AggregatesCommand),
+}
+
+/// `gateway aggregates ...`
+#[derive(Debug, Subcommand)]
+pub enum AggregatesCommand {
+    /// Recompute windows from the stored readings and compare them with the stored aggregates;
+    /// with --write, store corrections as the next revision (and queue them for the broker).
+    /// Window settings come from the config file. Best run while the gateway is stopped.
+    Rebuild {
+        /// Config file with the [aggregate] settings [default: built-in defaults].
+        #[arg(long, env = "GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArg,
+        /// Windows starting at or after this: RFC 3339 time, ms since the epoch, or a period
+        /// back from now (e.g. 1h).
+        #[arg(long, value_parser = parse_since)]
+        since: i64,
+        /// Store what differs or is missing.
+        #[arg(long)]
+        write: bool,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: ListFormat,
+    },
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Ok(ms);
+    }
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(crate::store::now_ms().saturating_sub(d.as_millis() as i64));
+    }
+    let t = parse_time(s)?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0))
+}
+
+/// Runs `gateway aggregates ...`.
+///
+/// # Errors
+/// Unusable config or database.
+pub async fn aggregates(cmd: AggregatesCommand) -> anyhow::Result<()> {
+    match cmd {
+        AggregatesCommand::Rebuild {
+            config,
+            db,
+            since,
+            write,
+            format,
+        } => {
+            let cfg = match &config {
+                Some(path) => Config::from_file(path)?,
+                None => Config::default(),
+            };
+            let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
+            let agg_cfg = crate::aggregate::aggregator_config(&cfg.aggregate);
+            let tty = io::stderr().is_terminal();
+            let report = store
+                .rebuild(&agg_cfg, since, write, cfg.mqtt.enabled, |done, total, r| {
+                    if tty && (done % 50 == 0 || done == total) {
+                        eprint!(
+                            "\rrebuild: {done}/{total} devices, {} windows, {} differ, {} missing",
+                            r.recomputed, r.differing, r.missing
+                        );
+                    }
+                })
+                .await?;
+            if tty {
+                eprintln!();
+            }
+            store.close().await;
+            let mut out = io::stdout().lock();
+            match format {
+                ListFormat::Json => {
+                    serde_json::to_writer_pretty(&mut out, &report)?;
+                    writeln!(out)?;
+                }
+                ListFormat::Table => {
+                    writeln!(out, "windows recomputed   {}", report.recomputed)?;
+                    writeln!(out, "identical            {}", report.identical)?;
+                    writeln!(out, "differing            {}", report.differing)?;
+                    writeln!(out, "missing              {}", report.missing)?;
+                    writeln!(out, "without readings     {}", report.without_readings)?;
+                    writeln!(out, "written              {}", report.written)?;
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// The body of a successful answer of the admin API, or an error carrying the gateway's message.
@@ -508,6 +603,12 @@ pub struct ServeArgs {
     /// Datagrams that may wait for the writer [default: 65536].
     #[arg(long, env = "GATEWAY_QUEUE")]
     pub queue: Option<std::num::NonZeroUsize>,
+    /// Forward aggregates to this MQTT broker, HOST:PORT (enables mqtt).
+    #[arg(long, env = "GATEWAY_MQTT")]
+    pub mqtt: Option<String>,
+    /// Gateway id (MQTT topic level) [default: the host name].
+    #[arg(long, env = "GATEWAY_ID")]
+    pub id: Option<String>,
 }
 
 impl ServeArgs {
@@ -537,6 +638,18 @@ impl ServeArgs {
         }
         if let Some(q) = self.queue {
             cfg.telemetry.queue = q;
+        }
+        if let Some(broker) = &self.mqtt {
+            let (host, port) = broker
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .with_context(|| format!("--mqtt {broker}: expected HOST:PORT"))?;
+            cfg.mqtt.enabled = true;
+            cfg.mqtt.host = host.to_owned();
+            cfg.mqtt.port = port;
+        }
+        if let Some(id) = &self.id {
+            cfg.service.id = Some(id.clone());
         }
         cfg.validate()?;
         Ok(cfg)

@@ -115,6 +115,30 @@ pub mod names {
     pub const LATENCY_P99_US: &str = "commit_latency_p99_us";
     /// Receive-to-commit latency of the current run, maximum, microseconds (a gauge).
     pub const LATENCY_MAX_US: &str = "commit_latency_max_us";
+    /// Closed windows stored (first emissions).
+    pub const AGGREGATES_CLOSED: &str = "aggregates_closed";
+    /// Corrected windows stored (revisions by late readings).
+    pub const AGGREGATES_REVISED: &str = "aggregates_revised";
+    /// Readings too late for a window, left out of aggregation (still stored raw).
+    pub const AGGREGATE_LATE_DROPPED: &str = "aggregate_late_dropped";
+    /// Aggregates dropped from the outbox because it was full (oldest first).
+    pub const OUTBOX_DROPPED: &str = "outbox_dropped";
+    /// Messages the broker acknowledged.
+    pub const MQTT_PUBLISHED: &str = "mqtt_published";
+    /// Connections to the broker made.
+    pub const MQTT_CONNECTS: &str = "mqtt_connects";
+    /// Commands received on the command topic (accepted or rejected).
+    pub const MQTT_COMMANDS: &str = "mqtt_commands";
+    /// 1 while connected to the broker (a gauge).
+    pub const MQTT_CONNECTED: &str = "mqtt_connected";
+    /// Messages acknowledged per second over the last stats interval (a gauge).
+    pub const MQTT_PUBLISH_RATE: &str = "mqtt_publish_rate";
+    /// Messages waiting in the outbox (a gauge).
+    pub const OUTBOX_ROWS: &str = "outbox_rows";
+    /// Payload bytes waiting in the outbox (a gauge).
+    pub const OUTBOX_BYTES: &str = "outbox_bytes";
+    /// Age of the oldest message in the outbox, ms (a gauge; 0 when empty).
+    pub const OUTBOX_OLDEST_AGE_MS: &str = "outbox_oldest_age_ms";
 }
 
 /// Live counters of one gateway run, shared by ingest, writer and whoever reports them.
@@ -143,6 +167,30 @@ pub struct Counters {
     pub latency_p99_us: AtomicU64,
     /// See [`names::LATENCY_MAX_US`].
     pub latency_max_us: AtomicU64,
+    /// See [`names::AGGREGATES_CLOSED`].
+    pub aggregates_closed: AtomicU64,
+    /// See [`names::AGGREGATES_REVISED`].
+    pub aggregates_revised: AtomicU64,
+    /// See [`names::AGGREGATE_LATE_DROPPED`].
+    pub aggregate_late_dropped: AtomicU64,
+    /// See [`names::OUTBOX_DROPPED`].
+    pub outbox_dropped: AtomicU64,
+    /// See [`names::MQTT_PUBLISHED`].
+    pub mqtt_published: AtomicU64,
+    /// See [`names::MQTT_CONNECTS`].
+    pub mqtt_connects: AtomicU64,
+    /// See [`names::MQTT_COMMANDS`].
+    pub mqtt_commands: AtomicU64,
+    /// See [`names::MQTT_CONNECTED`].
+    pub mqtt_connected: AtomicU64,
+    /// See [`names::MQTT_PUBLISH_RATE`].
+    pub mqtt_publish_rate: AtomicU64,
+    /// See [`names::OUTBOX_ROWS`].
+    pub outbox_rows: AtomicU64,
+    /// See [`names::OUTBOX_BYTES`].
+    pub outbox_bytes: AtomicU64,
+    /// See [`names::OUTBOX_OLDEST_AGE_MS`].
+    pub outbox_oldest_age_ms: AtomicU64,
 }
 
 /// A snapshot of counters as (name, value, is_gauge) rows, the form the store persists.
@@ -195,6 +243,26 @@ impl Counters {
             (names::LATENCY_P50_US, c(&self.latency_p50_us), true),
             (names::LATENCY_P99_US, c(&self.latency_p99_us), true),
             (names::LATENCY_MAX_US, c(&self.latency_max_us), true),
+            (names::AGGREGATES_CLOSED, c(&self.aggregates_closed), false),
+            (names::AGGREGATES_REVISED, c(&self.aggregates_revised), false),
+            (
+                names::AGGREGATE_LATE_DROPPED,
+                c(&self.aggregate_late_dropped),
+                false,
+            ),
+            (names::OUTBOX_DROPPED, c(&self.outbox_dropped), false),
+            (names::MQTT_PUBLISHED, c(&self.mqtt_published), false),
+            (names::MQTT_CONNECTS, c(&self.mqtt_connects), false),
+            (names::MQTT_COMMANDS, c(&self.mqtt_commands), false),
+            (names::MQTT_CONNECTED, c(&self.mqtt_connected), true),
+            (names::MQTT_PUBLISH_RATE, c(&self.mqtt_publish_rate), true),
+            (names::OUTBOX_ROWS, c(&self.outbox_rows), true),
+            (names::OUTBOX_BYTES, c(&self.outbox_bytes), true),
+            (
+                names::OUTBOX_OLDEST_AGE_MS,
+                c(&self.outbox_oldest_age_ms),
+                true,
+            ),
         ]);
         out
     }

@@ -30,6 +30,7 @@ pub mod control;
 pub mod demo;
 pub mod events;
 pub mod ingest;
+pub mod mqtt;
 pub mod replay;
 pub mod signal;
 pub mod store;
@@ -44,7 +45,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::events::Counters;
-use crate::store::writer::{Writer, WriterConfig};
+use crate::aggregate::window::Aggregator;
+use crate::store::writer::{OutboxLimits, Writer, WriterConfig};
 use crate::store::{OpenOptions, Store, StoreError};
 
 /// Why the gateway could not start.
@@ -59,6 +61,9 @@ pub enum StartupError {
     /// TLS could not be set up for the control listener.
     #[error("control TLS: {0}")]
     Tls(#[from] control::tls::TlsError),
+    /// The MQTT TLS files are unusable.
+    #[error(transparent)]
+    MqttTls(#[from] mqtt::TlsSetupError),
     /// The UDP socket could not be bound.
     #[error("cannot bind UDP {addr}: {source}")]
     Bind {
@@ -87,6 +92,8 @@ pub struct Gateway {
     pub counters: Arc<Counters>,
     /// The store, for queries while running.
     pub store: Store,
+    /// Broker connection state.
+    pub mqtt: Arc<mqtt::MqttState>,
     cancel: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
@@ -99,6 +106,11 @@ impl Gateway {
     /// [`StartupError`] for an invalid config, an unusable database or a busy address.
     pub async fn start(cfg: &Config) -> Result<Gateway, StartupError> {
         cfg.validate()?;
+        let mqtt_tls = if cfg.mqtt.enabled {
+            mqtt::tls_config(&cfg.mqtt)?
+        } else {
+            None
+        };
         let store = Store::open(&OpenOptions {
             path: cfg.store.path.clone(),
             durability: cfg.store.durability,
@@ -146,6 +158,26 @@ impl Gateway {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let wal_reset_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        store.outbox_init(cfg.mqtt.enabled).await?;
+        let aggregator = if cfg.aggregate.enabled {
+            let mut agg = Aggregator::new(aggregate::aggregator_config(&cfg.aggregate));
+            let ids: Vec<u32> = devices.iter().map(|d| d.id.0).collect();
+            let replayed = store
+                .restore_aggregator(&mut agg, &ids, store::now_ms().max(0) as u64)
+                .await?;
+            tracing::info!(
+                replayed,
+                open_windows = agg.open_windows(),
+                "aggregation restored"
+            );
+            Some(agg)
+        } else {
+            None
+        };
+        let outbox_limits = cfg.mqtt.enabled.then_some(OutboxLimits {
+            max_rows: cfg.mqtt.outbox_max_rows,
+            max_bytes: cfg.mqtt.outbox_max_bytes,
+        });
         let conn = store.pool().acquire().await.map_err(StoreError::from)?;
         let writer = Writer::new(
             conn,
@@ -159,6 +191,9 @@ impl Gateway {
                 commit_delay: cfg.store.commit_delay,
                 wal_reset_wanted: wal_reset_wanted.clone(),
             },
+            store.clone(),
+            aggregator,
+            outbox_limits,
         );
         tracing::info!(
             udp = %udp_addr,
@@ -168,6 +203,7 @@ impl Gateway {
             durability = ?cfg.store.durability,
             "gateway started"
         );
+        let forward_tx = tx.clone();
         let listener = ingest::Listener::new(
             socket,
             tx,
@@ -179,7 +215,7 @@ impl Gateway {
         );
         tracker.spawn(listener.run(cancel.clone()));
         let (presence_tx, presence_rx) = mpsc::channel(4096);
-        tracker.spawn(control::presence::run(store.pool().clone(), presence_rx));
+        tracker.spawn(control::presence::run(store.clone(), presence_rx));
         let sessions = control::Registry::default();
         let control_counters = Arc::new(control::ControlCounters::default());
         let server = control::ControlServer::new(
@@ -228,6 +264,22 @@ impl Gateway {
             wal_reset_wanted,
             cancel.clone(),
         ));
+        let mqtt_state = Arc::new(mqtt::MqttState::default());
+        if cfg.mqtt.enabled {
+            let forwarder = mqtt::Forwarder::new(
+                cfg.mqtt.clone(),
+                cfg.gateway_id(),
+                store.clone(),
+                forward_tx,
+                counters.clone(),
+                sessions.clone(),
+                mqtt_state.clone(),
+                mqtt_tls,
+            );
+            tracker.spawn(forwarder.run(cancel.clone()));
+        } else {
+            drop(forward_tx);
+        }
         tracker.spawn(writer.run());
         Ok(Gateway {
             udp_addr,
@@ -238,6 +290,7 @@ impl Gateway {
             control_counters,
             counters,
             store,
+            mqtt: mqtt_state,
             cancel,
             tracker,
             grace: cfg.service.shutdown_grace,

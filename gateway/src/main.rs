@@ -35,6 +35,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Devices(cmd)) => gateway::cli::devices(cmd).await,
             Some(Command::Query(cmd)) => gateway::cli::query(cmd).await,
             Some(Command::Stats(args)) => gateway::cli::stats(args).await,
+            Some(Command::Aggregates(cmd)) => gateway::cli::aggregates(cmd).await,
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
             Some(Command::Certs(cmd)) => gateway::cli::certs(cmd),

@@ -184,3 +184,46 @@ impl ControlServer {
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+/// Queues `command` for `devices` (stored first, so nothing is lost) and hands it at once to
+/// the sessions of those online. Returns (device, id, handed to a live session).
+///
+/// # Errors
+/// Driver errors.
+pub async fn queue_command(
+    store: &Store,
+    sessions: &Registry,
+    devices: &[DeviceId],
+    command: &proto::control::Command,
+    ttl_ms: i64,
+    origin: Option<(&str, Option<&str>)>,
+) -> Result<Vec<(DeviceId, proto::control::CommandId, bool)>, crate::store::StoreError> {
+    let queued = store
+        .enqueue_commands_from(
+            devices,
+            command,
+            ttl_ms,
+            origin.map(|o| o.0),
+            origin.and_then(|o| o.1),
+        )
+        .await?;
+    let mut out = Vec::with_capacity(queued.len());
+    for (device, id) in queued {
+        let handle = sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&device)
+            .cloned();
+        // Online: hand it to the session now. Offline or a full session queue: it stays queued
+        // and the device gets it when it (re)connects.
+        let online = handle.is_some_and(|h| {
+            h.tx.try_send(Outbound::Msg(GatewayMsg::Command {
+                id,
+                command: command.clone(),
+            }))
+            .is_ok()
+        });
+        out.push((device, id, online));
+    }
+    Ok(out)
+}

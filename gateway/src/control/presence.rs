@@ -8,11 +8,14 @@
 
 use std::time::Duration;
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use proto::DeviceId;
 use sqlx::SqlitePool;
 use tokio::sync::mpsc;
 
-use crate::store::now_ms;
+use crate::store::outbox::{KIND_EVENT, insert};
+use crate::store::{Store, now_ms};
 
 /// A presence change.
 #[derive(Debug, Clone)]
@@ -29,7 +32,8 @@ pub enum Presence {
 const BATCH: usize = 1024;
 
 /// Writes presence events until every sender is dropped.
-pub async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Presence>) {
+pub async fn run(store: Store, mut rx: mpsc::Receiver<Presence>) {
+    let pool = store.pool().clone();
     // Every device is offline until a session says otherwise (a crash leaves stale flags).
     if let Err(error) = sqlx::query("UPDATE devices SET online = 0 WHERE online = 1")
         .execute(&pool)
@@ -45,18 +49,53 @@ pub async fn run(pool: SqlitePool, mut rx: mpsc::Receiver<Presence>) {
         }
         let ts = now_ms();
         let mut delay = Duration::from_millis(50);
-        while let Err(error) = write(&pool, &batch, ts).await {
-            tracing::warn!(%error, "presence write failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+        let events = store.outbox().enabled.load(Relaxed);
+        loop {
+            match write(&pool, &batch, ts, events).await {
+                Ok((rows, bytes)) => {
+                    store.outbox().changed(rows, bytes);
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "presence write failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
         }
         batch.clear();
     }
 }
 
-async fn write(pool: &SqlitePool, batch: &[Presence], ts: i64) -> Result<(), sqlx::Error> {
+/// Writes one batch; with `events`, online/offline changes also go to the outbox. Returns the
+/// outbox rows and bytes added.
+async fn write(
+    pool: &SqlitePool,
+    batch: &[Presence],
+    ts: i64,
+    events: bool,
+) -> Result<(i64, i64), sqlx::Error> {
     let mut tx = pool.begin().await?;
+    let (mut rows, mut bytes) = (0, 0);
     for p in batch {
+        if events {
+            let event = match p {
+                Presence::Online(id) => Some((id, "online", None)),
+                Presence::Offline(id, why) => Some((id, "offline", Some(*why))),
+                Presence::Seen(_) => None,
+            };
+            if let Some((id, event, detail)) = event {
+                let payload = serde_json::json!({
+                    "device": id.0,
+                    "event": event,
+                    "detail": detail,
+                    "ts_ms": ts,
+                })
+                .to_string();
+                bytes += insert(&mut tx, KIND_EVENT, &format!("event/{}", id.0), &payload).await?;
+                rows += 1;
+            }
+        }
         match p {
             Presence::Online(id) => {
                 sqlx::query("UPDATE devices SET online = 1, control_seen_ms = ? WHERE id = ?")
@@ -96,5 +135,6 @@ async fn write(pool: &SqlitePool, batch: &[Presence], ts: i64) -> Result<(), sql
             }
         }
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok((rows, bytes))
 }

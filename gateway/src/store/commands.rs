@@ -7,6 +7,9 @@ use serde::Serialize;
 
 use crate::store::{Store, StoreError, now_ms};
 
+/// `commands.origin` of commands that came from the MQTT command topic.
+pub const ORIGIN_MQTT: &str = "mqtt";
+
 /// Where a command is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +85,23 @@ impl Store {
         command: &Command,
         ttl_ms: i64,
     ) -> Result<Vec<(DeviceId, CommandId)>, StoreError> {
+        self.enqueue_commands_from(devices, command, ttl_ms, None, None)
+            .await
+    }
+
+    /// [`Store::enqueue_commands`] for commands from elsewhere than the admin API: `origin`
+    /// `mqtt` makes the final status go to the broker with `request_id`.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn enqueue_commands_from(
+        &self,
+        devices: &[DeviceId],
+        command: &Command,
+        ttl_ms: i64,
+        origin: Option<&str>,
+        request_id: Option<&str>,
+    ) -> Result<Vec<(DeviceId, CommandId)>, StoreError> {
         let body = postcard::to_allocvec(command).map_err(|_| StoreError::Corrupt {
             table: "commands",
             reason: "command does not encode",
@@ -93,7 +113,8 @@ impl Store {
         for d in devices {
             let (id,): (i64,) = sqlx::query_as(
                 "INSERT INTO commands (device, body, summary, status, created_ms, expires_ms, \
-                 updated_ms) VALUES (?, ?, ?, 'queued', ?, ?, ?) RETURNING id",
+                 updated_ms, origin, request_id) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?) \
+                 RETURNING id",
             )
             .bind(i64::from(d.0))
             .bind(&body)
@@ -101,6 +122,8 @@ impl Store {
             .bind(now)
             .bind(now.saturating_add(ttl_ms))
             .bind(now)
+            .bind(origin)
+            .bind(request_id)
             .fetch_one(&mut *tx)
             .await?;
             sqlx::query(
@@ -198,7 +221,43 @@ impl Store {
         .bind(detail)
         .execute(&mut *tx)
         .await?;
+        let mut added = 0;
+        let final_status = matches!(
+            status,
+            CommandStatus::Acknowledged | CommandStatus::Failed | CommandStatus::Expired
+        );
+        if final_status && self.outbox().enabled.load(std::sync::atomic::Ordering::Relaxed) {
+            let row: Option<(i64, Option<String>, Option<String>, Option<String>)> =
+                sqlx::query_as(
+                    "SELECT device, origin, request_id, result FROM commands WHERE id = ?",
+                )
+                .bind(id.0 as i64)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some((device, Some(origin), request_id, result)) = row
+                && origin == ORIGIN_MQTT
+            {
+                let payload = serde_json::json!({
+                    "device": device,
+                    "command_id": id.0,
+                    "request_id": request_id,
+                    "status": status.as_str(),
+                    "detail": result,
+                })
+                .to_string();
+                added = crate::store::outbox::insert(
+                    &mut tx,
+                    crate::store::outbox::KIND_CMD_RESULT,
+                    &format!("cmd-result/{device}"),
+                    &payload,
+                )
+                .await?;
+            }
+        }
         tx.commit().await?;
+        if added > 0 {
+            self.outbox().changed(1, added);
+        }
         Ok(())
     }
 

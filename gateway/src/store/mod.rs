@@ -5,10 +5,12 @@
 //! transaction that readers and CLI verbs may run while the gateway is serving (WAL mode lets
 //! them proceed without blocking the writer).
 
+pub mod aggregates;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod files;
+pub mod outbox;
 pub mod query;
 pub mod writer;
 
@@ -123,6 +125,35 @@ pub struct DeviceRow {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    outbox: std::sync::Arc<outbox::OutboxGauge>,
+}
+
+/// The largest power of two that is at most `len` and at most `max` (a power of two): chunk
+/// sizes of multi-row statements, so only a handful of distinct statements are prepared.
+pub(crate) fn pow2_chunk(len: usize, max: usize) -> usize {
+    max.min(1 << (usize::BITS - 1 - len.max(1).leading_zeros()))
+}
+
+/// `head VALUES tuple, tuple, ... tail` for `n` rows (a power of two up to the cache's size),
+/// built once per size.
+pub(crate) fn values_sql(
+    cache: &'static std::sync::OnceLock<Vec<sqlx::SqlStr>>,
+    max: usize,
+    head: &str,
+    tuple: &str,
+    tail: &str,
+    n: usize,
+) -> sqlx::SqlStr {
+    use sqlx::SqlSafeStr;
+    let all = cache.get_or_init(|| {
+        (0..=max.trailing_zeros())
+            .map(|p| {
+                let values = vec![tuple; 1 << p].join(",");
+                sqlx::AssertSqlSafe(format!("{head} VALUES {values} {tail}")).into_sql_str()
+            })
+            .collect()
+    });
+    all[n.trailing_zeros() as usize].clone()
 }
 
 /// Milliseconds since the Unix epoch, by the gateway's clock.
@@ -166,12 +197,15 @@ impl Store {
             )
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(6)
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(connect)
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            outbox: Default::default(),
+        })
     }
 
     /// The connection pool, for the writer and queries of this module.

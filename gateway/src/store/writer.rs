@@ -26,9 +26,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::aggregate::window::{Aggregate, Aggregator, Pushed, Sample};
 use crate::events::{Counters, Snapshot};
 use crate::replay::{ReplayWindow, Verdict};
-use crate::store::{DeviceState, apply_counters, now_ms};
+use crate::store::outbox::KIND_AGG;
+use crate::store::{DeviceState, Store, aggregates, apply_counters, now_ms};
 
 /// Largest multi-row INSERT, in rows (6 parameters each, well under SQLite's variable limit).
 const MAX_ROWS_PER_STATEMENT: usize = 256;
@@ -48,6 +50,13 @@ pub enum Item {
     },
     /// Per-device counts of rejected datagrams since the last report.
     Rejected(Vec<(DeviceId, u64)>),
+    /// Outbox rows the broker acknowledged: delete them, then answer on `done`.
+    Delivered {
+        /// Their sequence numbers.
+        seqs: Vec<i64>,
+        /// Told once the deletion is committed.
+        done: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 /// An authenticated, decoded, not-yet-seen datagram.
@@ -74,6 +83,15 @@ impl Item {
             _ => 0,
         }
     }
+}
+
+/// The outbox's bounds, when MQTT forwarding is on.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxLimits {
+    /// Most rows.
+    pub max_rows: u64,
+    /// Most payload bytes.
+    pub max_bytes: u64,
 }
 
 /// Settings of the writer.
@@ -103,6 +121,14 @@ pub struct Writer {
     persisted: Snapshot,
     last_flush: Instant,
     latency: Histogram<u64>,
+    /// Windowed aggregation, when enabled.
+    aggregator: Option<Aggregator>,
+    /// The store, for the outbox gauge.
+    store: Store,
+    /// Outbox bounds; None when nothing is forwarded (aggregates are then only stored).
+    outbox: Option<OutboxLimits>,
+    /// When the last "outbox full" warning was logged.
+    last_full_log: Option<Instant>,
 }
 
 /// Row of the readings table, in primary-key order for sorting.
@@ -126,6 +152,24 @@ struct Plan {
     acks: Vec<(SocketAddr, [u8; ACK_LEN])>,
     received: Vec<Instant>,
     datagrams: u64,
+    /// Closed or corrected windows to store.
+    aggs: Vec<Aggregate>,
+    /// Readings too late for aggregation.
+    late_dropped: u64,
+    /// Outbox rows to delete (acknowledged by the broker).
+    delivered: Vec<i64>,
+    /// Told after the commit.
+    delivered_done: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What a transaction did to the outbox, applied to the gauge after the commit.
+#[derive(Debug, Default)]
+struct OutboxChange {
+    added_rows: i64,
+    added_bytes: i64,
+    removed_rows: i64,
+    removed_bytes: i64,
+    dropped_rows: u64,
 }
 
 /// Largest multi-device UPDATE, in devices (8 parameters each).
@@ -188,6 +232,7 @@ fn insert_sql(rows: usize) -> SqlStr {
 
 impl Writer {
     /// A writer on `conn`, starting from the committed windows in `devices`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         conn: PoolConnection<Sqlite>,
         rx: mpsc::Receiver<Item>,
@@ -195,6 +240,9 @@ impl Writer {
         counters: Arc<Counters>,
         devices: &[DeviceState],
         cfg: WriterConfig,
+        store: Store,
+        aggregator: Option<Aggregator>,
+        outbox: Option<OutboxLimits>,
     ) -> Self {
         let persisted = counters.snapshot();
         Self {
@@ -208,6 +256,10 @@ impl Writer {
             last_flush: Instant::now(),
             // Bounds are constants that hdrhistogram accepts; 1 µs to 10 min, 3 digits.
             latency: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"),
+            aggregator,
+            store,
+            outbox,
+            last_full_log: None,
         }
     }
 
@@ -224,7 +276,7 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    self.commit(Vec::new(), true).await;
+                    self.commit(Vec::new(), true, true).await;
                     continue;
                 }
             };
@@ -254,24 +306,31 @@ impl Writer {
                 batch.push(item);
             }
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
-            self.commit(batch, flush).await;
+            self.commit(batch, flush, false).await;
         }
-        self.commit(Vec::new(), true).await;
+        self.commit(Vec::new(), true, false).await;
         tracing::info!(
             readings = self.counters.readings_committed.load(Relaxed),
             "writer stopped"
         );
     }
 
-    /// Commits one batch, retrying until it succeeds, then acks.
-    async fn commit(&mut self, batch: Vec<Item>, flush: bool) {
-        let plan = self.plan(batch);
-        if plan.rows.is_empty() && plan.devices.is_empty() && !flush {
+    /// Commits one batch, retrying until it succeeds, then acks. `tick` also closes the
+    /// windows of idle devices.
+    async fn commit(&mut self, batch: Vec<Item>, flush: bool, tick: bool) {
+        let plan = self.plan(batch, tick);
+        if plan.rows.is_empty()
+            && plan.devices.is_empty()
+            && plan.aggs.is_empty()
+            && plan.delivered.is_empty()
+            && !flush
+        {
             self.send_acks(&plan);
             return;
         }
         if flush {
             self.update_latency_gauges();
+            self.update_outbox_gauges().await;
         }
         let snapshot = if flush {
             Some(self.counters.snapshot())
@@ -279,9 +338,9 @@ impl Writer {
             None
         };
         let mut delay = Duration::from_millis(50);
-        loop {
+        let change = loop {
             match self.write(&plan, snapshot.as_ref()).await {
-                Ok(()) => break,
+                Ok(change) => break change,
                 Err(error) => {
                     self.counters.commit_errors.fetch_add(1, Relaxed);
                     tracing::error!(%error, retry_in = ?delay, "commit failed");
@@ -289,7 +348,7 @@ impl Writer {
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
-        }
+        };
         if let Some(s) = snapshot {
             self.persisted = s;
             self.last_flush = Instant::now();
@@ -313,6 +372,10 @@ impl Writer {
             let _ = self.latency.record(us.clamp(1, 600_000_000));
         }
         self.send_acks(&plan);
+        self.after_outbox_commit(&plan, change);
+        for done in plan.delivered_done {
+            let _ = done.send(());
+        }
         if self.cfg.wal_reset_wanted.swap(false, Relaxed) {
             self.reset_wal().await;
         }
@@ -344,8 +407,10 @@ impl Writer {
 
     /// Turns a batch into rows and device updates, checking each datagram against the
     /// committed window (a backstop: ingest already filtered duplicates).
-    fn plan(&self, batch: Vec<Item>) -> Plan {
+    fn plan(&mut self, batch: Vec<Item>, tick: bool) -> Plan {
         let mut plan = Plan::default();
+        let now = now_ms().max(0) as u64;
+        let mut touched: Vec<u32> = Vec::new();
         for item in batch {
             match item {
                 Item::Datagram(a) => {
@@ -382,6 +447,24 @@ impl Writer {
                             (!r.value.is_nan()).then_some(r.value),
                         ));
                     }
+                    if let Some(agg) = &mut self.aggregator {
+                        for (idx, r) in a.readings.iter().enumerate() {
+                            let sample = Sample {
+                                device: a.device.0,
+                                sensor: r.sensor.0,
+                                ts: r.ts.0 as i64,
+                                seq: a.seq.0,
+                                idx: idx as u16,
+                                value: r.value,
+                            };
+                            if agg.push(sample, now, &mut plan.aggs) == Pushed::DroppedLate {
+                                plan.late_dropped += 1;
+                            }
+                        }
+                        if touched.last() != Some(&a.device.0) {
+                            touched.push(a.device.0);
+                        }
+                    }
                     if let Some(ack) = a.ack {
                         plan.acks.push((a.peer, ack));
                     }
@@ -394,6 +477,20 @@ impl Writer {
                         plan.devices.entry(id).or_default().rejected += n as i64;
                     }
                 }
+                Item::Delivered { seqs, done } => {
+                    plan.delivered.extend(seqs);
+                    plan.delivered_done.push(done);
+                }
+            }
+        }
+        if let Some(agg) = &mut self.aggregator {
+            touched.sort_unstable();
+            touched.dedup();
+            for d in touched {
+                agg.advance_device(d, &mut plan.aggs);
+            }
+            if tick {
+                agg.advance(now, &mut plan.aggs);
             }
         }
         // Key order keeps B-tree inserts local: each device's pages are touched once.
@@ -401,8 +498,13 @@ impl Writer {
         plan
     }
 
-    async fn write(&mut self, plan: &Plan, counters: Option<&Snapshot>) -> Result<(), sqlx::Error> {
+    async fn write(
+        &mut self,
+        plan: &Plan,
+        counters: Option<&Snapshot>,
+    ) -> Result<OutboxChange, sqlx::Error> {
         let persisted = &self.persisted;
+        let mut change = OutboxChange::default();
         let mut tx = self.conn.begin().await?;
         let mut rest = &plan.rows[..];
         while !rest.is_empty() {
@@ -479,7 +581,86 @@ impl Writer {
                 .collect();
             apply_counters(&mut tx, &delta).await?;
         }
-        tx.commit().await
+        if !plan.aggs.is_empty() {
+            let (rows, bytes) =
+                aggregates::upsert(&mut tx, &plan.aggs, self.outbox.is_some()).await?;
+            change.added_rows = rows;
+            change.added_bytes = bytes;
+        }
+        if !plan.delivered.is_empty() {
+            let list = serde_json::to_string(&plan.delivered).unwrap_or_else(|_| "[]".into());
+            let removed: Vec<(i64,)> = sqlx::query_as(
+                "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))                  RETURNING length(payload)",
+            )
+            .bind(list)
+            .fetch_all(&mut *tx)
+            .await?;
+            change.removed_rows = removed.len() as i64;
+            change.removed_bytes = removed.iter().map(|(b,)| b).sum();
+        }
+        if let Some(limits) = self.outbox {
+            // Over the cap: drop the oldest aggregates (never raw readings, never other kinds).
+            let gauge = self.store.outbox();
+            let mut rows = gauge.rows.load(Relaxed) + change.added_rows - change.removed_rows;
+            let mut bytes = gauge.bytes.load(Relaxed) + change.added_bytes - change.removed_bytes;
+            while rows > limits.max_rows as i64 || bytes > limits.max_bytes as i64 {
+                let avg = (bytes / rows.max(1)).max(1);
+                let excess = (rows - limits.max_rows as i64)
+                    .max((bytes - limits.max_bytes as i64 + avg - 1) / avg)
+                    .clamp(1, 10_000);
+                let dropped: Vec<(i64,)> = sqlx::query_as(
+                    "DELETE FROM outbox WHERE seq IN                      (SELECT seq FROM outbox WHERE kind = ? ORDER BY seq LIMIT ?)                      RETURNING length(payload)",
+                )
+                .bind(KIND_AGG)
+                .bind(excess)
+                .fetch_all(&mut *tx)
+                .await?;
+                if dropped.is_empty() {
+                    break;
+                }
+                let b: i64 = dropped.iter().map(|(b,)| b).sum();
+                rows -= dropped.len() as i64;
+                bytes -= b;
+                change.removed_rows += dropped.len() as i64;
+                change.removed_bytes += b;
+                change.dropped_rows += dropped.len() as u64;
+            }
+        }
+        tx.commit().await?;
+        Ok(change)
+    }
+
+    /// After a commit: aggregation counters, the outbox gauge, and the forwarder's waits.
+    fn after_outbox_commit(&mut self, plan: &Plan, change: OutboxChange) {
+        let closed = plan.aggs.iter().filter(|a| a.revision == 0).count() as u64;
+        let c = &self.counters;
+        c.aggregates_closed.fetch_add(closed, Relaxed);
+        c.aggregates_revised
+            .fetch_add(plan.aggs.len() as u64 - closed, Relaxed);
+        c.aggregate_late_dropped
+            .fetch_add(plan.late_dropped, Relaxed);
+        c.outbox_dropped.fetch_add(change.dropped_rows, Relaxed);
+        self.store.outbox().changed(
+            change.added_rows - change.removed_rows,
+            change.added_bytes - change.removed_bytes,
+        );
+        if change.added_rows > 0 {
+            self.store.outbox().added.notify_one();
+        }
+        if change.dropped_rows > 0 {
+            let now = Instant::now();
+            if self
+                .last_full_log
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            {
+                self.last_full_log = Some(now);
+                tracing::warn!(
+                    dropped = change.dropped_rows,
+                    total = c.outbox_dropped.load(Relaxed),
+                    "outbox full: dropped the oldest aggregates (raw readings are kept)"
+                );
+            }
+        }
     }
 
     fn send_acks(&self, plan: &Plan) {
@@ -488,6 +669,35 @@ impl Writer {
                 Ok(_) => self.counters.acks_sent.fetch_add(1, Relaxed),
                 Err(_) => self.counters.acks_failed.fetch_add(1, Relaxed),
             };
+        }
+    }
+
+    /// Outbox size and age, and the publish rate, for `gateway stats` and metrics.
+    async fn update_outbox_gauges(&mut self) {
+        let c = &self.counters;
+        let gauge = self.store.outbox();
+        c.outbox_rows
+            .store(gauge.rows.load(Relaxed).max(0) as u64, Relaxed);
+        c.outbox_bytes
+            .store(gauge.bytes.load(Relaxed).max(0) as u64, Relaxed);
+        let oldest: Result<Option<(i64,)>, _> =
+            sqlx::query_as("SELECT created_ms FROM outbox ORDER BY seq LIMIT 1")
+                .fetch_optional(&mut *self.conn)
+                .await;
+        if let Ok(oldest) = oldest {
+            let age = oldest.map_or(0, |(t,)| now_ms().saturating_sub(t).max(0));
+            c.outbox_oldest_age_ms.store(age as u64, Relaxed);
+        }
+        let published = c.mqtt_published.load(Relaxed);
+        let secs = self.last_flush.elapsed().as_secs_f64();
+        if secs > 0.0 {
+            let before = self
+                .persisted
+                .iter()
+                .find(|(n, _, _)| *n == crate::events::names::MQTT_PUBLISHED)
+                .map_or(0, |(_, v, _)| *v);
+            let rate = published.saturating_sub(before) as f64 / secs;
+            c.mqtt_publish_rate.store(rate as u64, Relaxed);
         }
     }
 
