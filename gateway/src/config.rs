@@ -241,9 +241,9 @@ pub fn valid_topic_levels(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
         && !s.starts_with('$')
-        && s
-            .split('/')
-            .all(|l| !l.is_empty() && !l.contains(['+', '#', '\0']) && l.chars().all(|c| !c.is_control()))
+        && s.split('/').all(|l| {
+            !l.is_empty() && !l.contains(['+', '#', '\0']) && l.chars().all(|c| !c.is_control())
+        })
 }
 
 /// UDP telemetry ingest settings.
@@ -640,8 +640,7 @@ impl Config {
         }
         let a = &self.aggregate;
         if a.windows.is_empty()
-            || a
-                .windows
+            || a.windows
                 .iter()
                 .any(|w| *w < Duration::from_secs(1) || *w > Duration::from_secs(86_400))
         {
@@ -650,7 +649,10 @@ impl Config {
                 reason: "at least one window, each between 1s and 1 day",
             });
         }
-        if a.lateness > Duration::from_secs(86_400) || a.keep_closed > Duration::from_secs(7 * 86_400) || a.idle.is_zero() {
+        if a.lateness > Duration::from_secs(86_400)
+            || a.keep_closed > Duration::from_secs(7 * 86_400)
+            || a.idle.is_zero()
+        {
             return Err(ConfigError::Invalid {
                 field: "aggregate",
                 reason: "lateness at most 1 day, keep_closed at most 7 days, idle positive",
@@ -669,7 +671,10 @@ impl Config {
                 reason: "backlog_rate and outbox_max_rows positive, outbox_max_bytes at least 4096",
             });
         }
-        if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max || m.keep_alive < Duration::from_secs(1) {
+        if m.reconnect_min.is_zero()
+            || m.reconnect_min > m.reconnect_max
+            || m.keep_alive < Duration::from_secs(1)
+        {
             return Err(ConfigError::Invalid {
                 field: "mqtt.reconnect_min",
                 reason: "positive and at most reconnect_max; keep_alive at least 1s",

@@ -244,7 +244,11 @@ impl Counters {
             (names::LATENCY_P99_US, c(&self.latency_p99_us), true),
             (names::LATENCY_MAX_US, c(&self.latency_max_us), true),
             (names::AGGREGATES_CLOSED, c(&self.aggregates_closed), false),
-            (names::AGGREGATES_REVISED, c(&self.aggregates_revised), false),
+            (
+                names::AGGREGATES_REVISED,
+                c(&self.aggregates_revised),
+                false,
+            ),
             (
                 names::AGGREGATE_LATE_DROPPED,
                 c(&self.aggregate_late_dropped),

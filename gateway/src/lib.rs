@@ -43,9 +43,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::aggregate::window::Aggregator;
 use crate::config::Config;
 use crate::events::Counters;
-use crate::aggregate::window::Aggregator;
 use crate::store::writer::{OutboxLimits, Writer, WriterConfig};
 use crate::store::{OpenOptions, Store, StoreError};
 

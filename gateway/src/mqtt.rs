@@ -109,7 +109,9 @@ pub fn topic_base(prefix: &str, gateway_id: &str) -> String {
 pub fn render(seq: i64, gateway: &str, payload: &str) -> String {
     let gw = serde_json::to_string(gateway).unwrap_or_else(|_| "\"\"".into());
     match payload.strip_prefix('{') {
-        Some(rest) if rest.trim_start() != "}" => format!("{{\"seq\":{seq},\"gateway\":{gw},{rest}"),
+        Some(rest) if rest.trim_start() != "}" => {
+            format!("{{\"seq\":{seq},\"gateway\":{gw},{rest}")
+        }
         _ => format!("{{\"seq\":{seq},\"gateway\":{gw}}}"),
     }
 }
@@ -282,10 +284,8 @@ impl Forwarder {
     }
 
     async fn connect(&self) -> Result<(AsyncClient, EventLoop), SessionError> {
-        let (client, mut el) = AsyncClient::new(
-            self.options(),
-            usize::from(self.cfg.max_inflight) * 2 + 16,
-        );
+        let (client, mut el) =
+            AsyncClient::new(self.options(), usize::from(self.cfg.max_inflight) * 2 + 16);
         let limit = Duration::from_secs(10);
         let deadline = Instant::now() + limit;
         loop {
@@ -412,7 +412,10 @@ impl Forwarder {
         }
         if c.live_more {
             let room = max - busy(c).min(max);
-            let rows = self.store.outbox_after(c.live_cursor, i64::MAX, room).await?;
+            let rows = self
+                .store
+                .outbox_after(c.live_cursor, i64::MAX, room)
+                .await?;
             c.live_more = rows.len() == room;
             if let Some(last) = rows.last() {
                 c.live_cursor = last.seq;
@@ -499,9 +502,18 @@ impl Forwarder {
             .strip_prefix(&self.base)
             .and_then(|t| t.strip_prefix("cmd/"))
             .and_then(|d| d.parse::<u32>().ok());
-        let parsed: Result<CloudCommand, String> =
-            serde_json::from_slice(&p.payload).map_err(|e| format!("invalid command: {e}"));
-        let request_id = parsed.as_ref().ok().and_then(|c| c.request_id.clone());
+        // The request id is echoed even when the rest of the command is invalid.
+        let value: Result<serde_json::Value, String> =
+            serde_json::from_slice(&p.payload).map_err(|e| format!("invalid JSON: {e}"));
+        let request_id = value
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("request_id"))
+            .and_then(|r| r.as_str())
+            .map(str::to_owned);
+        let parsed: Result<CloudCommand, String> = value.and_then(|v| {
+            serde_json::from_value(v).map_err(|e| format!("invalid command: {e}"))
+        });
         let result = match (device, parsed) {
             (None, _) => Err("topic does not name a device id".to_owned()),
             (Some(_), Err(e)) => Err(e),
@@ -517,8 +529,15 @@ impl Forwarder {
                 "detail": reason,
             })
             .to_string();
-            let topic = format!("cmd-result/{}", device.map_or("unknown".into(), |d| d.to_string()));
-            if let Err(error) = self.store.outbox_insert(KIND_CMD_RESULT, &topic, &payload).await {
+            let topic = format!(
+                "cmd-result/{}",
+                device.map_or("unknown".into(), |d| d.to_string())
+            );
+            if let Err(error) = self
+                .store
+                .outbox_insert(KIND_CMD_RESULT, &topic, &payload)
+                .await
+            {
                 tracing::warn!(%error, "could not queue a command result");
             }
         }

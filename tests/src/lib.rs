@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+pub mod mqtt;
+
 use anyhow::{Context, bail};
 use proto::{Ack, Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
 use std::net::UdpSocket;
@@ -461,6 +463,29 @@ impl RawDevice {
                     sensor: SensorId(1),
                     ts: Millis(1_764_000_000_000 + seq * 100 + i as u64),
                     value: seq as f64 + i as f64 / 10.0,
+                })
+                .collect(),
+        };
+        let header = Header {
+            flags: Flags(Flags::ACK_REQUESTED),
+            device: self.id,
+            seq: Seq(seq),
+        };
+        batch
+            .seal(&header, &self.key.cipher())
+            .expect("in limits")
+            .0
+    }
+
+    /// A sealed datagram of the given (sensor, ts_ms, value) readings, ack requested.
+    pub fn datagram_of(&self, seq: u64, readings: &[(u16, u64, f64)]) -> Vec<u8> {
+        let batch = Batch {
+            readings: readings
+                .iter()
+                .map(|&(sensor, ts, value)| Reading {
+                    sensor: SensorId(sensor),
+                    ts: Millis(ts),
+                    value,
                 })
                 .collect(),
         };

@@ -405,10 +405,17 @@ mod tests {
         let mut live = agg(LatePolicy::Revise);
         let mut rng = 12345u64;
         for i in 0..3_000i64 {
-            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let late = (rng >> 33) % 10 == 0;
             let device = (rng >> 40) as u32 % 3;
-            let ts = i * 300 - if late { ((rng >> 20) % 20_000) as i64 } else { 0 };
+            let ts = i * 300
+                - if late {
+                    ((rng >> 20) % 20_000) as i64
+                } else {
+                    0
+                };
             let r = Sample {
                 device,
                 sensor: (rng >> 50) as u16 % 2,
@@ -433,12 +440,19 @@ mod tests {
             if i % 37 == 36 {
                 live = agg(LatePolicy::Revise);
                 for dev in 0..3u32 {
-                    let Some(wm) = stored.iter().filter(|r| r.device == dev).map(|r| r.ts).max()
+                    let Some(wm) = stored
+                        .iter()
+                        .filter(|r| r.device == dev)
+                        .map(|r| r.ts)
+                        .max()
                     else {
                         continue;
                     };
-                    let mine: Vec<Aggregate> =
-                        closed.values().filter(|a| a.device == dev).cloned().collect();
+                    let mine: Vec<Aggregate> = closed
+                        .values()
+                        .filter(|a| a.device == dev)
+                        .cloned()
+                        .collect();
                     live.restore(dev, wm, &mine, 0);
                 }
                 let mut sorted = stored.clone();
@@ -455,7 +469,11 @@ mod tests {
         o2.sort_by_key(|a| (a.device, a.window_ms, a.start_ms, a.sensor));
         assert_eq!(o1.len(), o2.len());
         let revisions = closed.values().filter(|a| a.revision > 0).count();
-        assert!(closed.len() > 500 && revisions > 50, "{} windows, {revisions} revised", closed.len());
+        assert!(
+            closed.len() > 500 && revisions > 50,
+            "{} windows, {revisions} revised",
+            closed.len()
+        );
         for (x, y) in o1.iter().zip(&o2) {
             assert!(same(x, y), "{x:?} vs {y:?}");
         }
@@ -466,8 +484,19 @@ mod tests {
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
         (x.device, x.sensor, x.window_ms, x.start_ms, x.revision)
             == (y.device, y.sensor, y.window_ms, y.start_ms, y.revision)
-            && (x.stats.count, x.stats.min, x.stats.max, x.stats.last_key, x.stats.last)
-                == (y.stats.count, y.stats.min, y.stats.max, y.stats.last_key, y.stats.last)
+            && (
+                x.stats.count,
+                x.stats.min,
+                x.stats.max,
+                x.stats.last_key,
+                x.stats.last,
+            ) == (
+                y.stats.count,
+                y.stats.min,
+                y.stats.max,
+                y.stats.last_key,
+                y.stats.last,
+            )
             && close(x.stats.mean, y.stats.mean)
             && close(x.stats.stddev(), y.stats.stddev())
     }

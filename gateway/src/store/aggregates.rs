@@ -323,8 +323,8 @@ impl Store {
                     None => {}
                 }
             }
-            report.without_readings += stored.keys().filter(|k| !computed.contains_key(k)).count()
-                as u64;
+            report.without_readings +=
+                stored.keys().filter(|k| !computed.contains_key(k)).count() as u64;
             if write && !to_write.is_empty() {
                 let mut tx = self.pool().begin().await?;
                 let (rows, bytes) = upsert(&mut tx, &to_write, to_outbox).await?;

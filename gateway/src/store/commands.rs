@@ -226,7 +226,12 @@ impl Store {
             status,
             CommandStatus::Acknowledged | CommandStatus::Failed | CommandStatus::Expired
         );
-        if final_status && self.outbox().enabled.load(std::sync::atomic::Ordering::Relaxed) {
+        if final_status
+            && self
+                .outbox()
+                .enabled
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             let row: Option<(i64, Option<String>, Option<String>, Option<String>)> =
                 sqlx::query_as(
                     "SELECT device, origin, request_id, result FROM commands WHERE id = ?",

@@ -1,0 +1,444 @@
+//! Aggregates and MQTT store-and-forward end to end: the real gateway and simulator, a real
+//! Mosquitto of each test's own (stopped and started to make outages), a recording subscriber.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use e2e::mqtt::{self, AggMsg, Broker, Subscriber, agg_messages, latest, matches, recompute};
+use e2e::*;
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+const GW: &str = "gw-test";
+
+/// Short windows so that tests see many of them: 1 s and 5 s, 500 ms lateness, devices idle
+/// after 2 s have their windows closed.
+fn mqtt_config(dir: &Path, broker: &Broker, extra: &str) -> anyhow::Result<std::path::PathBuf> {
+    config_file(
+        dir,
+        &format!(
+            "[service]\nid = \"{GW}\"\n\n[aggregate]\nwindows = [\"1s\", \"5s\"]\n\
+             lateness = \"500ms\"\nidle = \"2s\"\n\n[mqtt]\nenabled = true\nhost = \"127.0.0.1\"\n\
+             port = {port}\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n{extra}",
+            port = broker.port
+        ),
+    )
+}
+
+/// Windows whose device has been idle long enough to close them: all of them, once the
+/// simulator has stopped and the idle time passed.
+fn expected_windows(db: &Path) -> anyhow::Result<BTreeMap<mqtt::WindowKey, mqtt::Naive>> {
+    Ok(recompute(&query_all(db)?, &[1_000, 5_000]))
+}
+
+/// Waits until the subscriber holds the latest revision of every window recomputed from the
+/// database, then checks each one.
+fn assert_all_delivered(sub: &Subscriber, db: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let expected = expected_windows(db)?;
+    assert!(!expected.is_empty(), "no readings stored");
+    let mut missing = 0;
+    let got = wait_until(timeout, "every window at the subscriber", || {
+        let got = latest(&agg_messages(&sub.messages())?);
+        missing = expected.keys().filter(|k| !got.contains_key(k)).count();
+        Ok(missing == 0)
+    });
+    got.with_context(|| format!("{missing} of {} windows missing", expected.len()))?;
+    let got = latest(&agg_messages(&sub.messages())?);
+    for (k, n) in &expected {
+        let a = &got[k];
+        assert!(
+            matches(a, n),
+            "window {k:?}: published {a:?}, recomputed {n:?}"
+        );
+        assert_eq!(a.gateway, GW);
+    }
+    let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(k)).collect();
+    assert!(extra.is_empty(), "windows without readings: {extra:?}");
+    Ok(())
+}
+
+/// Messages sharing a sequence number must be the same message.
+fn duplicates(aggs: &[AggMsg]) -> usize {
+    let mut by_seq: BTreeMap<i64, &AggMsg> = BTreeMap::new();
+    let mut dups = 0;
+    for a in aggs {
+        if let Some(b) = by_seq.insert(a.seq, a) {
+            assert_eq!(a, b, "same seq, different content");
+            dups += 1;
+        }
+    }
+    dups
+}
+
+fn sim_fleet(gw: &TestGateway, fleet: &Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = sim(gw.udp, fleet);
+    cmd.args(args).arg("--ack").stdout(Stdio::null());
+    cmd
+}
+
+#[test]
+fn aggregates_at_the_subscriber_equal_a_recomputation_and_rebuild_agrees() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 20)?;
+    let cfg = mqtt_config(dir.path(), &broker, "")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    run_sim(sim_fleet(
+        &gw,
+        &fleet,
+        &["--rate", "20", "--batch", "4", "--duration", "6s"],
+    ))?;
+    assert_all_delivered(&sub, &db, Duration::from_secs(30))?;
+    let aggs = agg_messages(&sub.messages())?;
+    assert_eq!(duplicates(&aggs), 0, "no outage, no duplicates");
+    // The retained status says online.
+    let status = sub
+        .messages()
+        .into_iter()
+        .rfind(|(t, _)| t == &format!("gateway/v1/{GW}/status"))
+        .context("status message")?;
+    let status: serde_json::Value = serde_json::from_slice(&status.1)?;
+    assert_eq!(status["online"], true);
+    wait_until(Duration::from_secs(10), "outbox drained", || {
+        Ok(counter(&stats(&db)?, "outbox_rows") == 0)
+    })?;
+    gw.stop()?;
+    // The stored aggregates equal a rebuild from the readings.
+    let out = gateway(&[
+        "aggregates",
+        "rebuild",
+        "--since",
+        "0",
+        "--format",
+        "json",
+        "--config",
+        path(&cfg),
+        "--db",
+        path(&db),
+    ])?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(report["differing"], 0, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["without_readings"], 0, "{report}");
+    assert_eq!(
+        report["identical"].as_u64(),
+        Some(latest(&aggs).len() as u64),
+        "{report}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_60s_broker_outage_under_load_loses_no_aggregate() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start(dir.path())?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 50)?;
+    let cfg = mqtt_config(dir.path(), &broker, "backlog_rate = 5000\n")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let mut sim = KillOnDrop(
+        sim_fleet(
+            &gw,
+            &fleet,
+            &["--rate", "16", "--batch", "8", "--duration", "80s"],
+        )
+        .spawn()?,
+    );
+    wait_until(Duration::from_secs(20), "aggregates flowing", || {
+        Ok(agg_messages(&sub.messages())?.len() > 500)
+    })?;
+    broker.stop()?;
+    let down = Instant::now();
+    let mut backlog = 0;
+    // The outage lasts 60 s; meanwhile the outbox must only grow.
+    wait_until(Duration::from_secs(70), "60 s of outage", || {
+        let rows = counter(&stats(&db)?, "outbox_rows");
+        assert!(rows + 50 >= backlog, "outbox shrank during the outage");
+        backlog = backlog.max(rows);
+        Ok(down.elapsed() >= Duration::from_secs(60))
+    })?;
+    let s = stats(&db)?;
+    assert_eq!(counter(&s, "mqtt_connected"), 0);
+    assert!(backlog > 5_000, "backlog {backlog}");
+    assert!(counter(&s, "outbox_oldest_age_ms") > 50_000);
+    broker.resume()?;
+    wait_until(Duration::from_secs(60), "simulator done", || {
+        Ok(sim.try_wait()?.is_some())
+    })?;
+    assert!(sim.wait()?.success());
+    assert_all_delivered(&sub, &db, Duration::from_secs(60))?;
+    let aggs = agg_messages(&sub.messages())?;
+    let dups = duplicates(&aggs);
+    assert!(
+        dups <= 100,
+        "{dups} duplicates, more than the in-flight limit"
+    );
+    let s = stats(&db)?;
+    assert_eq!(counter(&s, "outbox_dropped"), 0);
+    assert!(counter(&s, "mqtt_connects") >= 2);
+    gw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn sigkill_with_a_full_outbox_then_restart_delivers_everything() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start(dir.path())?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    broker.stop()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 30)?;
+    let cfg = mqtt_config(dir.path(), &broker, "")?;
+    let mut gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    run_sim(sim_fleet(
+        &gw,
+        &fleet,
+        &["--rate", "20", "--batch", "4", "--duration", "5s"],
+    ))?;
+    wait_until(Duration::from_secs(10), "outbox filled", || {
+        Ok(counter(&stats(&db)?, "outbox_rows") > 400)
+    })?;
+    gw.signal("KILL")?;
+    gw.wait_exit(Duration::from_secs(5))?;
+    broker.resume()?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    assert_all_delivered(&sub, &db, Duration::from_secs(30))?;
+    gw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn late_readings_join_within_lateness_and_revise_or_count_beyond_it() -> anyhow::Result<()> {
+    let _serial = serial();
+    for policy in ["revise", "drop"] {
+        let dir = tempfile::tempdir()?;
+        let broker = Broker::start(dir.path())?;
+        let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+        let db = dir.path().join("gw.db");
+        let fleet = provision(dir.path(), &db, 1)?;
+        let cfg = mqtt_config(dir.path(), &broker, "")?;
+        let cfg_text = std::fs::read_to_string(&cfg)?.replace(
+            "idle = \"2s\"",
+            &format!("idle = \"1h\"\nlate = \"{policy}\""),
+        );
+        std::fs::write(&cfg, cfg_text)?;
+        let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+        let dev = RawDevice::new(&fleet, 0, gw.udp)?;
+        let t0: u64 = 1_800_000_000_000; // a multiple of 5 s
+        let mut seq = 0;
+        let mut send = |readings: &[(u16, u64, f64)]| -> anyhow::Result<()> {
+            seq += 1;
+            dev.send_acked(&dev.datagram_of(seq, readings), seq)
+        };
+        // Window [t0, t0+1s): two readings; then the watermark moves to t0+1.3 s and a reading
+        // 0.4 s late (within 500 ms of lateness) still joins it.
+        send(&[(1, t0 + 100, 1.0), (1, t0 + 900, 3.0)])?;
+        send(&[(1, t0 + 1_300, 10.0)])?;
+        send(&[(1, t0 + 950, 5.0)])?;
+        // Watermark past t0 + 1.5 s: [t0, t0+1s) closes with three readings.
+        send(&[(1, t0 + 1_600, 20.0)])?;
+        let key = (dev.id.0, 1_000, t0 as i64, 1);
+        wait_until(Duration::from_secs(10), "first window published", || {
+            Ok(latest(&agg_messages(&sub.messages())?).contains_key(&key))
+        })?;
+        let first = latest(&agg_messages(&sub.messages())?)[&key].clone();
+        assert_eq!((first.count, first.revision), (3, 0), "{first:?}");
+        assert_eq!(
+            (first.min, first.max, first.mean, first.last),
+            (1.0, 5.0, 3.0, 5.0)
+        );
+        // Beyond the lateness: revised, or counted as dropped.
+        send(&[(1, t0 + 500, 7.0)])?;
+        match policy {
+            "revise" => {
+                wait_until(Duration::from_secs(10), "revision published", || {
+                    Ok(latest(&agg_messages(&sub.messages())?)[&key].revision == 1)
+                })?;
+                let rev = latest(&agg_messages(&sub.messages())?)[&key].clone();
+                assert_eq!((rev.count, rev.max, rev.mean), (4, 7.0, 4.0), "{rev:?}");
+                assert_eq!(rev.last, 5.0, "last is by timestamp: t0+950 beats t0+500");
+                assert!(rev.seq > first.seq);
+            }
+            _ => {
+                wait_until(Duration::from_secs(10), "late reading counted", || {
+                    Ok(counter(&stats(&db)?, "aggregate_late_dropped") >= 1)
+                })?;
+                let s = stats(&db)?;
+                // One reading: too late for its 1 s window, in time for its 5 s one.
+                assert_eq!(counter(&s, "aggregate_late_dropped"), 1);
+                assert_eq!(counter(&s, "aggregates_revised"), 0);
+            }
+        }
+        // Either way the raw reading is stored.
+        assert_eq!(query_all(&db)?.len(), 6);
+        gw.stop()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_full_outbox_drops_the_oldest_aggregates_and_keeps_every_reading() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let mut broker = Broker::start(dir.path())?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    broker.stop()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 20)?;
+    let cfg = mqtt_config(dir.path(), &broker, "outbox_max_rows = 100\n")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let log = dir.path().join("sent.csv");
+    let mut cmd = sim_fleet(
+        &gw,
+        &fleet,
+        &["--rate", "20", "--batch", "4", "--duration", "5s"],
+    );
+    cmd.arg("--readings-log").arg(&log);
+    run_sim(cmd)?;
+    // Every window closes (idle) and the cap holds.
+    let expected = expected_windows(&db)?;
+    assert!(expected.len() > 300);
+    wait_until(Duration::from_secs(15), "every window closed", || {
+        let s = stats(&db)?;
+        Ok(counter(&s, "aggregates_closed") == expected.len() as u64)
+    })?;
+    let s = stats(&db)?;
+    assert_eq!(counter(&s, "outbox_rows"), 100);
+    assert_eq!(
+        counter(&s, "outbox_dropped"),
+        expected.len() as u64 - 100,
+        "every aggregate beyond the cap counted"
+    );
+    // Raw readings untouched.
+    let sent = read_sent(&log)?;
+    let stored = query_all(&db)?;
+    assert_eq!(stored.len(), sent.len());
+    assert!(
+        sent.iter()
+            .all(|(k, s)| s.acked && stored.get(k) == Some(&s.val))
+    );
+    // What is left is the newest 100, and it is delivered once the broker is back.
+    broker.resume()?;
+    wait_until(Duration::from_secs(20), "100 aggregates delivered", || {
+        Ok(agg_messages(&sub.messages())?.len() >= 100)
+    })?;
+    let seqs: BTreeSet<i64> = agg_messages(&sub.messages())?
+        .iter()
+        .map(|a| a.seq)
+        .collect();
+    let top = *seqs.last().context("seqs")?;
+    assert_eq!(seqs, (top - 99..=top).collect(), "the oldest were dropped");
+    gw.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_command_from_the_broker_reaches_the_device_and_its_result_is_published() -> anyhow::Result<()>
+{
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let broker = Broker::start(dir.path())?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 2)?;
+    let cfg = mqtt_config(dir.path(), &broker, "")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--rate", "8", "--batch", "8", "--duration", "120s"])
+        .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
+        .stdout(Stdio::null());
+    let _sim = KillOnDrop(cmd.spawn()?);
+    wait_until(Duration::from_secs(30), "2 devices online", || {
+        Ok(online_count(&db)? == 2)
+    })?;
+    // Online events were published too.
+    wait_until(Duration::from_secs(10), "online events", || {
+        Ok(sub
+            .messages()
+            .iter()
+            .filter(|(t, p)| t.contains("/event/") && String::from_utf8_lossy(p).contains("online"))
+            .count()
+            >= 2)
+    })?;
+    let mut opts = rumqttc::MqttOptions::new("operator", "127.0.0.1", broker.port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = rumqttc::Client::new(opts, 16);
+    let pump = std::thread::spawn(move || {
+        for ev in conn.iter() {
+            if ev.is_err() {
+                break;
+            }
+        }
+    });
+    client.publish(
+        format!("gateway/v1/{GW}/cmd/2"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        r#"{"request_id":"r-1","command":{"type":"set-interval","millis":250}}"#,
+    )?;
+    client.publish(
+        format!("gateway/v1/{GW}/cmd/2"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        r#"{"request_id":"r-2","command":{"type":"launch"}}"#,
+    )?;
+    client.publish(
+        format!("gateway/v1/{GW}/cmd/99"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        r#"{"request_id":"r-3","command":{"type":"ping"}}"#,
+    )?;
+    let results = || -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+        let mut out = BTreeMap::new();
+        for (t, p) in sub.messages() {
+            if t.contains("/cmd-result/") {
+                let v: serde_json::Value = serde_json::from_slice(&p)?;
+                out.insert(v["request_id"].as_str().unwrap_or("").to_owned(), v);
+            }
+        }
+        Ok(out)
+    };
+    wait_until(Duration::from_secs(20), "three results", || {
+        Ok(results()?.len() == 3)
+    })?;
+    let r = results()?;
+    assert_eq!(r["r-1"]["status"], "acknowledged", "{}", r["r-1"]);
+    assert_eq!(r["r-1"]["device"], 2);
+    assert_eq!(r["r-2"]["status"], "rejected", "{}", r["r-2"]);
+    assert_eq!(r["r-3"]["status"], "rejected", "{}", r["r-3"]);
+    // The device really applied it: the command is stored as acknowledged for device 2.
+    let admin = gw.admin.to_string();
+    let out = gateway(&[
+        "commands",
+        "list",
+        "--device",
+        "2",
+        "--format",
+        "json",
+        "--admin",
+        &admin,
+        "--db",
+        path(&db),
+    ])?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out)?;
+    assert!(
+        rows.iter()
+            .any(|c| c["status"] == "acknowledged" && c["summary"] == "set-interval 250")
+    );
+    let _ = client.disconnect();
+    let _ = pump.join();
+    gw.stop()?;
+    Ok(())
+}
