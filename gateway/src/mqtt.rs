@@ -56,13 +56,19 @@ pub struct MqttState {
 #[derive(Debug, Error)]
 enum SessionError {
     #[error("{0}")]
-    Connection(#[from] rumqttc::ConnectionError),
+    Connection(Box<rumqttc::ConnectionError>),
     #[error("{0}")]
     Client(#[from] rumqttc::ClientError),
     #[error("no answer to CONNECT within {0:?}")]
     ConnectTimeout(Duration),
     #[error("outbox: {0}")]
     Store(#[from] crate::store::StoreError),
+}
+
+impl From<rumqttc::ConnectionError> for SessionError {
+    fn from(e: rumqttc::ConnectionError) -> Self {
+        SessionError::Connection(Box::new(e))
+    }
 }
 
 /// A TLS client configuration could not be built.
@@ -511,9 +517,8 @@ impl Forwarder {
             .and_then(|v| v.get("request_id"))
             .and_then(|r| r.as_str())
             .map(str::to_owned);
-        let parsed: Result<CloudCommand, String> = value.and_then(|v| {
-            serde_json::from_value(v).map_err(|e| format!("invalid command: {e}"))
-        });
+        let parsed: Result<CloudCommand, String> = value
+            .and_then(|v| serde_json::from_value(v).map_err(|e| format!("invalid command: {e}")));
         let result = match (device, parsed) {
             (None, _) => Err("topic does not name a device id".to_owned()),
             (Some(_), Err(e)) => Err(e),

@@ -296,7 +296,9 @@ pub struct Naive {
 /// Recomputes every window of the given lengths from stored readings (two passes, sums in
 /// a different order than the gateway's running statistics).
 pub fn recompute(readings: &BTreeMap<Key, Val>, windows_ms: &[u64]) -> BTreeMap<WindowKey, Naive> {
-    let mut groups: BTreeMap<WindowKey, Vec<((i64, u64, u32), f64)>> = BTreeMap::new();
+    /// (ts, seq, idx) and value of one reading.
+    type Point = ((i64, u64, u32), f64);
+    let mut groups: BTreeMap<WindowKey, Vec<Point>> = BTreeMap::new();
     for (&(device, seq, idx), (sensor, ts, value)) in readings {
         let Ok(v) = value.parse::<f64>() else {
             continue;

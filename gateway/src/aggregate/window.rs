@@ -408,7 +408,7 @@ mod tests {
             rng = rng
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            let late = (rng >> 33) % 10 == 0;
+            let late = (rng >> 33).is_multiple_of(10);
             let device = (rng >> 40) as u32 % 3;
             let ts = i * 300
                 - if late {

@@ -232,13 +232,13 @@ impl Store {
                 .enabled
                 .load(std::sync::atomic::Ordering::Relaxed)
         {
-            let row: Option<(i64, Option<String>, Option<String>, Option<String>)> =
-                sqlx::query_as(
-                    "SELECT device, origin, request_id, result FROM commands WHERE id = ?",
-                )
-                .bind(id.0 as i64)
-                .fetch_optional(&mut *tx)
-                .await?;
+            type Origin = (i64, Option<String>, Option<String>, Option<String>);
+            let row: Option<Origin> = sqlx::query_as(
+                "SELECT device, origin, request_id, result FROM commands WHERE id = ?",
+            )
+            .bind(id.0 as i64)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some((device, Some(origin), request_id, result)) = row
                 && origin == ORIGIN_MQTT
             {
