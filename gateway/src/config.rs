@@ -68,7 +68,8 @@ pub struct AggregateConfig {
     /// A device silent this long (gateway clock) has its open windows closed. Default 1m.
     #[serde(default = "default_idle", with = "humantime_serde")]
     pub idle: Duration,
-    /// How long closed windows are kept in memory for revisions, by event time. Default 10m.
+    /// How long closed windows are kept in memory for revisions, by event time (only with
+    /// `late = "revise"`; about 100 bytes per window, device and sensor). Default 2m.
     #[serde(default = "default_keep_closed", with = "humantime_serde")]
     pub keep_closed: Duration,
 }
@@ -83,7 +84,7 @@ fn default_idle() -> Duration {
     Duration::from_secs(60)
 }
 fn default_keep_closed() -> Duration {
-    Duration::from_secs(600)
+    Duration::from_secs(120)
 }
 
 impl Default for AggregateConfig {

@@ -200,6 +200,14 @@ impl Subscriber {
             .clone()
     }
 
+    /// How many messages it received.
+    pub fn count(&self) -> usize {
+        self.messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
     /// Whether it is connected now.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)

@@ -200,11 +200,16 @@ fn closes_at((len, start, _): Key, lateness_ms: u64) -> i64 {
         .saturating_add(lateness_ms as i64)
 }
 
+/// Closes the due windows of one device. Closed windows are remembered for revisions only
+/// with the revise policy (`keep`); with the drop policy only windows closed early (idle)
+/// are remembered, until the watermark passes them, so that a device resuming within such a
+/// window cannot open it a second time.
 fn close_due(
     device: u32,
     d: &mut DeviceState,
     lateness_ms: u64,
     keep_closed_ms: u64,
+    keep: bool,
     idle: bool,
     out: &mut Vec<Aggregate>,
 ) {
@@ -225,13 +230,20 @@ fn close_due(
                 stats: s,
                 revision: 0,
             });
-            d.closed.insert(key, (s, 0));
+            if keep || closes_at(key, lateness_ms) > wm {
+                d.closed.insert(key, (s, 0));
+            }
         }
     }
     if !d.closed.is_empty() {
         let horizon = wm.saturating_sub(keep_closed_ms as i64);
-        d.closed
-            .retain(|(len, start, _), _| start.saturating_add(*len as i64) > horizon);
+        d.closed.retain(|k, _| {
+            if keep {
+                k.1.saturating_add(k.0 as i64) > horizon
+            } else {
+                closes_at(*k, lateness_ms) > wm
+            }
+        });
     }
 }
 
@@ -339,10 +351,18 @@ impl Aggregator {
     /// Closes the windows of `device` whose end plus lateness its watermark has passed,
     /// appending them to `out` (revision 0). Cheap: call it for each device a batch touched.
     pub fn advance_device(&mut self, device: u32, out: &mut Vec<Aggregate>) {
-        let lateness = self.cfg.lateness_ms;
-        let keep = self.cfg.keep_closed_ms;
+        let cfg = &self.cfg;
+        let keep = cfg.late == LatePolicy::Revise;
         if let Some(d) = self.devices.get_mut(&device) {
-            close_due(device, d, lateness, keep, false, out);
+            close_due(
+                device,
+                d,
+                cfg.lateness_ms,
+                cfg.keep_closed_ms,
+                keep,
+                false,
+                out,
+            );
         }
     }
 
@@ -351,9 +371,18 @@ impl Aggregator {
     /// Closed windows are appended to `out` (revision 0).
     pub fn advance(&mut self, now_ms: u64, out: &mut Vec<Aggregate>) {
         let cfg = &self.cfg;
+        let keep = cfg.late == LatePolicy::Revise;
         for (&device, d) in &mut self.devices {
             let idle = now_ms.saturating_sub(d.seen_ms) >= cfg.idle_ms;
-            close_due(device, d, cfg.lateness_ms, cfg.keep_closed_ms, idle, out);
+            close_due(
+                device,
+                d,
+                cfg.lateness_ms,
+                cfg.keep_closed_ms,
+                keep,
+                idle,
+                out,
+            );
         }
     }
 
@@ -600,6 +629,33 @@ mod tests {
             "10 s and 1 min"
         );
         assert_eq!(a.open_windows(), 0);
+    }
+
+    #[test]
+    fn a_window_closed_by_idleness_is_not_opened_twice() {
+        for policy in [LatePolicy::Drop, LatePolicy::Revise] {
+            let mut a = agg(policy);
+            let mut out = Vec::new();
+            a.push(s(1, 1, 1_000, 1.0), 0, &mut out);
+            a.advance(30_000, &mut out);
+            assert_eq!(out.len(), 2, "idle: both windows closed");
+            out.clear();
+            // The device resumes inside its 1-minute window, which the watermark has not
+            // passed: a revision or a counted drop, never a second revision 0.
+            let r = a.push(s(1, 1, 20_000, 2.0), 30_000, &mut out);
+            a.advance_device(1, &mut out);
+            let minute: Vec<_> = out.iter().filter(|w| w.window_ms == 60_000).collect();
+            match policy {
+                LatePolicy::Drop => {
+                    assert_eq!(r, Pushed::DroppedLate);
+                    assert!(minute.is_empty());
+                }
+                LatePolicy::Revise => {
+                    assert_eq!(minute.len(), 1);
+                    assert_eq!((minute[0].revision, minute[0].stats.count), (1, 2));
+                }
+            }
+        }
     }
 
     #[test]

@@ -171,6 +171,23 @@ pub fn same_stats(a: &Stats, b: &Stats) -> bool {
 }
 
 impl Store {
+    /// Stores aggregates in one transaction (and queues them for the broker with
+    /// `to_outbox`), outside the writer: rebuilds and benchmarks.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn store_aggregates(
+        &self,
+        aggs: &[Aggregate],
+        to_outbox: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let (rows, bytes) = upsert(&mut tx, aggs, to_outbox).await?;
+        tx.commit().await?;
+        self.outbox().changed(rows, bytes);
+        Ok(())
+    }
+
     async fn device_watermark(&self, device: i64) -> Result<Option<i64>, StoreError> {
         let (wm,): (Option<i64>,) = sqlx::query_as("SELECT max(ts) FROM readings WHERE device = ?")
             .bind(device)
@@ -326,10 +343,7 @@ impl Store {
             report.without_readings +=
                 stored.keys().filter(|k| !computed.contains_key(k)).count() as u64;
             if write && !to_write.is_empty() {
-                let mut tx = self.pool().begin().await?;
-                let (rows, bytes) = upsert(&mut tx, &to_write, to_outbox).await?;
-                tx.commit().await?;
-                self.outbox().changed(rows, bytes);
+                self.store_aggregates(&to_write, to_outbox).await?;
                 report.written += to_write.len() as u64;
             }
             progress(i + 1, total, &report);

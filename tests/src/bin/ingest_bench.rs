@@ -30,6 +30,9 @@ struct Args {
     /// Gateway durability setting.
     #[arg(long, default_value = "normal")]
     durability: String,
+    /// Gateway config file (e.g. one with `[aggregate] enabled = false`).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 struct Row {
@@ -70,7 +73,13 @@ fn run_one(args: &Args, rate: u64) -> anyhow::Result<Row> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
     let fleet = provision(dir.path(), &db, args.devices)?;
-    let gw = TestGateway::start(&db, &["--durability", &args.durability])?;
+    let mut extra = vec!["--durability".to_owned(), args.durability.clone()];
+    if let Some(cfg) = &args.config {
+        extra.push("--config".into());
+        extra.push(cfg.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let gw = TestGateway::start(&db, &extra)?;
     let report = dir.path().join("report.json");
     let per_device = rate as f64 / f64::from(args.devices);
     let mut cmd = sim(gw.udp, &fleet);
