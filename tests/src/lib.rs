@@ -457,24 +457,16 @@ impl RawDevice {
 
     /// A sealed datagram with `readings` readings, ack requested; values derive from `seq`.
     pub fn datagram(&self, seq: u64, readings: usize) -> Vec<u8> {
-        let batch = Batch {
-            readings: (0..readings)
-                .map(|i| Reading {
-                    sensor: SensorId(1),
-                    ts: Millis(1_764_000_000_000 + seq * 100 + i as u64),
-                    value: seq as f64 + i as f64 / 10.0,
-                })
-                .collect(),
-        };
-        let header = Header {
-            flags: Flags(Flags::ACK_REQUESTED),
-            device: self.id,
-            seq: Seq(seq),
-        };
-        batch
-            .seal(&header, &self.key.cipher())
-            .expect("in limits")
-            .0
+        let readings: Vec<(u16, u64, f64)> = (0..readings)
+            .map(|i| {
+                (
+                    1,
+                    1_764_000_000_000 + seq * 100 + i as u64,
+                    seq as f64 + i as f64 / 10.0,
+                )
+            })
+            .collect();
+        self.datagram_of(seq, &readings)
     }
 
     /// A sealed datagram of the given (sensor, ts_ms, value) readings, ack requested.
