@@ -730,6 +730,28 @@ mod tests {
                 ..
             })
         ));
+        for (toml, field) in [
+            ("[mqtt]\ntopic_prefix = \"a/+/b\"\n", "mqtt.topic_prefix"),
+            ("[mqtt]\ntopic_prefix = \"a//b\"\n", "mqtt.topic_prefix"),
+            ("[mqtt]\ntopic_prefix = \"$SYS\"\n", "mqtt.topic_prefix"),
+            ("[service]\nid = \"a/b\"\n", "service.id"),
+            ("[service]\nid = \"gw#1\"\n", "service.id"),
+            ("[aggregate]\nwindows = []\n", "aggregate.windows"),
+            ("[aggregate]\nwindows = [\"500ms\"]\n", "aggregate.windows"),
+            ("[mqtt]\ntls = true\n", "mqtt.ca"),
+            ("[mqtt]\nmax_inflight = 0\n", "mqtt.max_inflight"),
+        ] {
+            let cfg: Config = toml::from_str(toml).expect("parses");
+            match cfg.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{toml}"),
+                other => panic!("{toml}: {other:?}"),
+            }
+        }
+        assert!(toml::from_str::<Config>("[aggregate]\nwindows = [\"soon\"]\n").is_err());
+        let cfg: Config =
+            toml::from_str("[mqtt]\ntopic_prefix = \"site-1/edge\"\n[service]\nid = \"gw_1\"\n")
+                .expect("parses");
+        cfg.validate().expect("nested prefix and plain id are fine");
         let cfg: Config = toml::from_str("[store]\ndurability = \"full\"\n").expect("parses");
         assert_eq!(cfg.store.durability, Durability::Full);
         assert!(toml::from_str::<Config>("[store]\ndurability = \"fast\"\n").is_err());

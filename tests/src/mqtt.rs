@@ -37,6 +37,8 @@ pub fn mosquitto_bin() -> anyhow::Result<PathBuf> {
 pub struct Broker {
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// A second, TLS listener: its port and the folder of `gateway certs init` files.
+    pub tls: Option<(u16, PathBuf)>,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -47,9 +49,24 @@ impl Broker {
     /// # Errors
     /// When Mosquitto is missing or does not listen within 10 s.
     pub fn start(dir: &Path) -> anyhow::Result<Broker> {
+        Self::start_with(dir, None)
+    }
+
+    /// Starts a broker with a plain listener and a TLS listener using `certs/server.pem` and
+    /// `certs/server.key` of a `gateway certs init` folder.
+    ///
+    /// # Errors
+    /// As [`Broker::start`].
+    pub fn start_tls(dir: &Path, certs: &Path) -> anyhow::Result<Broker> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        Self::start_with(dir, Some((port, certs.to_owned())))
+    }
+
+    fn start_with(dir: &Path, tls: Option<(u16, PathBuf)>) -> anyhow::Result<Broker> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let mut b = Broker {
             port,
+            tls,
             dir: dir.to_owned(),
             child: None,
         };
@@ -68,16 +85,30 @@ impl Broker {
     /// When it does not listen within 10 s.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
-                 persistence_location {dir}/\nmax_queued_messages 0\nmax_queued_bytes 0\n\
-                 max_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n",
-                port = self.port,
-                dir = self.dir.display()
-            ),
-        )?;
+        // Run as ourselves: as root Mosquitto would switch to its own user, which cannot read
+        // the test's files.
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "root".into());
+        let mut text = format!(
+            "user {user}\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n\
+             max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n\
+             log_dest file {dir}/mosquitto.log\nlistener {port} 127.0.0.1\n",
+            port = self.port,
+            dir = self.dir.display()
+        );
+        if let Some((port, certs)) = &self.tls {
+            text.push_str(&format!(
+                "listener {port} 127.0.0.1\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n",
+                c = certs.display()
+            ));
+        }
+        std::fs::write(&conf, text)?;
         let child = Command::new(mosquitto_bin()?)
             .arg("-c")
             .arg(&conf)
@@ -86,9 +117,12 @@ impl Broker {
             .spawn()
             .context("starting mosquitto")?;
         self.child = Some(child);
-        let port = self.port;
+        let ports = [Some(self.port), self.tls.as_ref().map(|t| t.0)];
         wait_until(Duration::from_secs(10), "mosquitto listening", || {
-            Ok(TcpStream::connect(("127.0.0.1", port)).is_ok())
+            Ok(ports
+                .iter()
+                .flatten()
+                .all(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok()))
         })
     }
 

@@ -442,3 +442,64 @@ fn a_command_from_the_broker_reaches_the_device_and_its_result_is_published() ->
     gw.stop()?;
     Ok(())
 }
+
+#[test]
+fn forwards_over_tls_to_a_broker_verified_by_its_ca() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let certs = dir.path().join("broker-certs");
+    gateway(&[
+        "certs",
+        "init",
+        "--dir",
+        path(&certs),
+        "--hosts",
+        "127.0.0.1,localhost",
+    ])?;
+    let broker = Broker::start_tls(dir.path(), &certs)?;
+    let (tls_port, _) = broker.tls.clone().context("tls listener")?;
+    let sub = Subscriber::start(&broker, "checker", "gateway/#")?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 3)?;
+    // A CA that did not sign the broker's certificate: no connection, nothing lost.
+    let other = dir.path().join("other-certs");
+    gateway(&["certs", "init", "--dir", path(&other)])?;
+    let tls_cfg = |ca: &Path| {
+        format!(
+            "[service]\nid = \"{GW}\"\n\n[aggregate]\nwindows = [\"1s\"]\nlateness = \"500ms\"\n\
+             idle = \"2s\"\n\n[mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {tls_port}\n\
+             tls = true\nca = \"{}\"\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n",
+            ca.display()
+        )
+    };
+    let cfg = config_file(dir.path(), &tls_cfg(&other.join("ca.pem")))?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    run_sim(sim_fleet(
+        &gw,
+        &fleet,
+        &["--rate", "8", "--batch", "4", "--duration", "3s"],
+    ))?;
+    wait_until(Duration::from_secs(10), "aggregates waiting", || {
+        let s = stats(&db)?;
+        Ok(counter(&s, "outbox_rows") > 0 && counter(&s, "aggregates_closed") > 0)
+    })?;
+    let s = stats(&db)?;
+    assert_eq!(
+        counter(&s, "mqtt_connects"),
+        0,
+        "an unverified broker must be refused"
+    );
+    assert!(agg_messages(&sub.messages())?.is_empty());
+    gw.stop()?;
+    // The right CA: everything stored is delivered.
+    let cfg = config_file(dir.path(), &tls_cfg(&certs.join("ca.pem")))?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let expected = recompute(&query_all(&db)?, &[1_000]);
+    wait_until(Duration::from_secs(20), "every window over TLS", || {
+        let got = latest(&agg_messages(&sub.messages())?);
+        Ok(expected.keys().all(|k| got.contains_key(k)))
+    })?;
+    assert!(counter(&stats(&db)?, "mqtt_connects") >= 1);
+    gw.stop()?;
+    Ok(())
+}
