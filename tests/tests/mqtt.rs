@@ -75,6 +75,36 @@ fn duplicates(aggs: &[AggMsg]) -> usize {
     dups
 }
 
+/// The `backlog_below` of the gateway's last "MQTT connected" log line: rows below it were
+/// backlog at that connection.
+fn last_backlog_bound(log: &Path) -> anyhow::Result<i64> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .rfind(|l| l.contains("MQTT connected"))
+        .context("no connect line")?;
+    // Drop colour escapes, then read the number after "backlog_below=".
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let rest = plain
+        .split("backlog_below=")
+        .nth(1)
+        .context("no backlog_below")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    Ok(digits.parse()?)
+}
+
 fn sim_fleet(gw: &TestGateway, fleet: &Path, args: &[&str]) -> std::process::Command {
     let mut cmd = sim(gw.udp, fleet);
     cmd.args(args).arg("--ack").stdout(Stdio::null());
@@ -171,6 +201,7 @@ fn a_60s_broker_outage_under_load_loses_no_aggregate() -> anyhow::Result<()> {
     assert_eq!(counter(&s, "mqtt_connected"), 0);
     assert!(backlog > 5_000, "backlog {backlog}");
     assert!(counter(&s, "outbox_oldest_age_ms") > 50_000);
+    let before = agg_messages(&sub.messages())?.len();
     broker.resume()?;
     wait_until(Duration::from_secs(60), "simulator done", || {
         Ok(sim.try_wait()?.is_some())
@@ -178,6 +209,34 @@ fn a_60s_broker_outage_under_load_loses_no_aggregate() -> anyhow::Result<()> {
     assert!(sim.wait()?.success());
     assert_all_delivered(&sub, &db, Duration::from_secs(60))?;
     let aggs = agg_messages(&sub.messages())?;
+    // After the outage: live aggregates (created after the reconnect) do not wait for the
+    // backlog, and the backlog arrives oldest first.
+    let live_from = last_backlog_bound(&db.with_extension("log"))?;
+    let after = &aggs[before..];
+    let backlog: Vec<i64> = after
+        .iter()
+        .map(|a| a.seq)
+        .filter(|s| *s < live_from)
+        .collect();
+    let first_live = after
+        .iter()
+        .position(|a| a.seq >= live_from)
+        .context("live aggregates after the outage")?;
+    let last_backlog = after
+        .iter()
+        .rposition(|a| a.seq < live_from)
+        .context("backlog after the outage")?;
+    assert!(
+        first_live < last_backlog,
+        "live aggregates waited for the backlog ({first_live} vs {last_backlog})"
+    );
+    let mut sorted = backlog.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut firsts = backlog.clone();
+    let mut seen = BTreeSet::new();
+    firsts.retain(|s| seen.insert(*s));
+    assert_eq!(firsts, sorted, "backlog not oldest first");
     let dups = duplicates(&aggs);
     assert!(
         dups <= 100,
