@@ -14,8 +14,8 @@
 //! (a random delay between half and all of the step), so a fleet of gateways does not
 //! reconnect in step.
 //!
-//! Emits: `info` on connect, `warn` on connection loss (with the next delay), `warn` for a
-//! rejected command.
+//! Emits: `info` on connect, `warn` when a connection fails or is lost (with the next delay),
+//! `warn` for a rejected command.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -239,7 +239,7 @@ impl Forwarder {
             match result {
                 Ok(()) => {}
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?delay, broker = %self.cfg.host, "MQTT connection lost")
+                    tracing::warn!(%error, retry_in = ?delay, broker = %self.cfg.host, "MQTT connection failed or lost")
                 }
             }
             step = (step * 2).min(self.cfg.reconnect_max);

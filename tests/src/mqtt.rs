@@ -52,8 +52,9 @@ impl Broker {
         Self::start_with(dir, None)
     }
 
-    /// Starts a broker with a plain listener and a TLS listener using `certs/server.pem` and
-    /// `certs/server.key` of a `gateway certs init` folder.
+    /// Starts a broker with a plain listener and a TLS listener using `server.pem` and
+    /// `server.key` of a `gateway certs init` folder; the TLS listener takes user `gateway`
+    /// with password `s3cret` only.
     ///
     /// # Errors
     /// As [`Broker::start`].
@@ -96,16 +97,30 @@ impl Broker {
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| "root".into());
         let mut text = format!(
-            "user {user}\nallow_anonymous true\npersistence true\npersistence_location {dir}/\n\
-             max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n\
-             log_dest file {dir}/mosquitto.log\nlistener {port} 127.0.0.1\n",
+            "user {user}\nper_listener_settings true\npersistence true\n\
+             persistence_location {dir}/\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+             max_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n\
+             listener {port} 127.0.0.1\nallow_anonymous true\n",
             port = self.port,
             dir = self.dir.display()
         );
         if let Some((port, certs)) = &self.tls {
+            // The TLS listener also wants a password: user "gateway", password "s3cret".
+            let passwords = self.dir.join("passwords");
+            std::fs::write(&passwords, "gateway:s3cret\n")?;
+            let status = Command::new("mosquitto_passwd")
+                .arg("-U")
+                .arg(&passwords)
+                .status()
+                .context("running mosquitto_passwd")?;
+            if !status.success() {
+                bail!("mosquitto_passwd failed");
+            }
             text.push_str(&format!(
-                "listener {port} 127.0.0.1\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n",
-                c = certs.display()
+                "listener {port} 127.0.0.1\ncertfile {c}/server.pem\nkeyfile {c}/server.key\n\
+                 allow_anonymous false\npassword_file {p}\n",
+                c = certs.display(),
+                p = passwords.display()
             ));
         }
         std::fs::write(&conf, text)?;

@@ -523,15 +523,16 @@ fn forwards_over_tls_to_a_broker_verified_by_its_ca() -> anyhow::Result<()> {
     // A CA that did not sign the broker's certificate: no connection, nothing lost.
     let other = dir.path().join("other-certs");
     gateway(&["certs", "init", "--dir", path(&other)])?;
-    let tls_cfg = |ca: &Path| {
+    let tls_cfg = |ca: &Path, password: &str| {
         format!(
             "[service]\nid = \"{GW}\"\n\n[aggregate]\nwindows = [\"1s\"]\nlateness = \"500ms\"\n\
              idle = \"2s\"\n\n[mqtt]\nenabled = true\nhost = \"127.0.0.1\"\nport = {tls_port}\n\
-             tls = true\nca = \"{}\"\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n",
+             tls = true\nca = \"{}\"\nusername = \"gateway\"\npassword = \"{password}\"\n\
+             reconnect_min = \"200ms\"\nreconnect_max = \"1s\"\n",
             ca.display()
         )
     };
-    let cfg = config_file(dir.path(), &tls_cfg(&other.join("ca.pem")))?;
+    let cfg = config_file(dir.path(), &tls_cfg(&other.join("ca.pem"), "s3cret"))?;
     let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
     run_sim(sim_fleet(
         &gw,
@@ -550,8 +551,24 @@ fn forwards_over_tls_to_a_broker_verified_by_its_ca() -> anyhow::Result<()> {
     );
     assert!(agg_messages(&sub.messages())?.is_empty());
     gw.stop()?;
-    // The right CA: everything stored is delivered.
-    let cfg = config_file(dir.path(), &tls_cfg(&certs.join("ca.pem")))?;
+    // The right CA but a wrong password: refused by the broker, nothing lost.
+    let cfg = config_file(dir.path(), &tls_cfg(&certs.join("ca.pem"), "wrong"))?;
+    let log = db.with_extension("log");
+    let failures = |log: &Path| -> anyhow::Result<usize> {
+        Ok(std::fs::read_to_string(log)?
+            .matches("MQTT connection failed or lost")
+            .count())
+    };
+    let base = failures(&log)?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    wait_until(Duration::from_secs(10), "connection refused", || {
+        Ok(failures(&log)? >= base + 3)
+    })?;
+    assert_eq!(counter(&stats(&db)?, "mqtt_connects"), 0);
+    assert!(agg_messages(&sub.messages())?.is_empty());
+    gw.stop()?;
+    // The right CA and password: everything stored is delivered.
+    let cfg = config_file(dir.path(), &tls_cfg(&certs.join("ca.pem"), "s3cret"))?;
     let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
     let expected = recompute(&query_all(&db)?, &[1_000]);
     wait_until(Duration::from_secs(20), "every window over TLS", || {
