@@ -224,11 +224,7 @@ async fn send_command(
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     // It must fit one control frame, or no session could ever deliver it.
-    let probe = GatewayMsg::Command {
-        id: proto::control::CommandId(u64::MAX),
-        command: command.clone(),
-    };
-    if proto::control::encode_frame(&probe, proto::control::MAX_FRAME, &mut Vec::new()).is_err() {
+    if !crate::control::command_fits(&command) {
         return error(
             StatusCode::BAD_REQUEST,
             format!(

@@ -258,7 +258,10 @@ impl Forwarder {
             .unwrap_or_else(|| self.gateway_id.clone());
         let mut o = MqttOptions::new(client_id, self.cfg.host.clone(), self.cfg.port);
         o.set_keep_alive(self.cfg.keep_alive);
-        o.set_clean_session(true);
+        // A persistent session: commands published while the gateway is away wait at the
+        // broker. Our own unacknowledged publishes are not taken from the session but re-read
+        // from the outbox (each connection uses a fresh client).
+        o.set_clean_session(false);
         o.set_manual_acks(true);
         // Packet ids wrap at the client's in-flight bound; a larger bound than ours keeps ids
         // from colliding when the broker acknowledges out of order.
@@ -340,14 +343,29 @@ impl Forwarder {
         c.fifo.push_back(None);
         c.client
             .try_subscribe(format!("{}cmd/+", self.base), QoS::AtLeastOnce)?;
+        let result = self.pump(&mut c, &mut el, cancel, pending).await;
+        // Whatever ended the connection, acknowledged rows go to the writer before anything
+        // is read again.
+        self.hand_over(&mut c, pending).await;
+        result
+    }
+
+    /// The connection's loop: fill the window, handle events, hand over acknowledgements.
+    async fn pump(
+        &self,
+        c: &mut Conn,
+        el: &mut EventLoop,
+        cancel: &CancellationToken,
+        pending: &mut Vec<oneshot::Receiver<()>>,
+    ) -> Result<(), SessionError> {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            self.fill(&mut c).await?;
+            self.fill(c).await?;
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    self.goodbye(&mut c, &mut el, pending).await;
+                    self.goodbye(c, el, pending).await;
                     return Ok(());
                 }
                 ev = el.poll() => match ev {
@@ -361,7 +379,7 @@ impl Forwarder {
                             c.acked.push(seq);
                             self.counters.mqtt_published.fetch_add(1, Relaxed);
                             if c.acked.len() >= 256 {
-                                self.hand_over(&mut c, pending).await;
+                                self.hand_over(c, pending).await;
                             }
                         }
                     }
@@ -371,15 +389,12 @@ impl Forwarder {
                         c.client.try_ack(&p)?;
                     }
                     Ok(_) => {}
-                    Err(e) => {
-                        self.hand_over(&mut c, pending).await;
-                        return Err(e.into());
-                    }
+                    Err(e) => return Err(e.into()),
                 },
                 _ = self.store.outbox().added.notified() => c.live_more = true,
                 _ = tick.tick() => {
                     c.live_more = true;
-                    self.hand_over(&mut c, pending).await;
+                    self.hand_over(c, pending).await;
                 }
             }
             self.state
@@ -520,6 +535,8 @@ impl Forwarder {
         let parsed: Result<CloudCommand, String> = value
             .and_then(|v| serde_json::from_value(v).map_err(|e| format!("invalid command: {e}")));
         let result = match (device, parsed) {
+            // A retained command would run again at every reconnect.
+            _ if p.retain => Err("retained commands are not accepted".to_owned()),
             (None, _) => Err("topic does not name a device id".to_owned()),
             (Some(_), Err(e)) => Err(e),
             (Some(d), Ok(cmd)) => self.relay(DeviceId(d), cmd).await,
@@ -550,6 +567,12 @@ impl Forwarder {
 
     async fn relay(&self, device: DeviceId, cmd: CloudCommand) -> Result<(), String> {
         let command = cmd.command.to_command()?;
+        if !crate::control::command_fits(&command) {
+            return Err(format!(
+                "command larger than a control frame ({} bytes)",
+                proto::control::MAX_FRAME
+            ));
+        }
         match self.store.device_key(device).await {
             Ok(Some(_)) => {}
             Ok(None) => return Err(format!("no device {}", device.0)),

@@ -433,6 +433,7 @@ fn a_command_from_the_broker_reaches_the_device_and_its_result_is_published() ->
     })?;
     let mut opts = rumqttc::MqttOptions::new("operator", "127.0.0.1", broker.port);
     opts.set_keep_alive(Duration::from_secs(5));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut conn) = rumqttc::Client::new(opts, 16);
     let pump = std::thread::spawn(move || {
         for ev in conn.iter() {
@@ -459,24 +460,50 @@ fn a_command_from_the_broker_reaches_the_device_and_its_result_is_published() ->
         false,
         r#"{"request_id":"r-3","command":{"type":"ping"}}"#,
     )?;
-    let results = || -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
-        let mut out = BTreeMap::new();
+    // Larger than a control frame: could never be delivered.
+    let big = "00".repeat(70_000);
+    client.publish(
+        format!("gateway/v1/{GW}/cmd/2"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        format!(r#"{{"request_id":"r-4","command":{{"type":"custom","hex":"{big}"}}}}"#),
+    )?;
+    // Retained: delivered live once (the broker clears the flag for current subscribers), then
+    // offered again, flagged retained, at every subscription: refused there.
+    client.publish(
+        format!("gateway/v1/{GW}/cmd/2"),
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        r#"{"request_id":"r-5","command":{"type":"ping"}}"#,
+    )?;
+    let all_results = || -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
         for (t, p) in sub.messages() {
             if t.contains("/cmd-result/") {
-                let v: serde_json::Value = serde_json::from_slice(&p)?;
-                out.insert(v["request_id"].as_str().unwrap_or("").to_owned(), v);
+                out.push(serde_json::from_slice(&p)?);
             }
         }
         Ok(out)
     };
-    wait_until(Duration::from_secs(20), "three results", || {
-        Ok(results()?.len() == 3)
+    // The first result of each request.
+    let results = || -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+        let mut out = BTreeMap::new();
+        for v in all_results()? {
+            out.entry(v["request_id"].as_str().unwrap_or("").to_owned())
+                .or_insert(v);
+        }
+        Ok(out)
+    };
+    wait_until(Duration::from_secs(20), "five results", || {
+        Ok(results()?.len() == 5)
     })?;
     let r = results()?;
     assert_eq!(r["r-1"]["status"], "acknowledged", "{}", r["r-1"]);
     assert_eq!(r["r-1"]["device"], 2);
     assert_eq!(r["r-2"]["status"], "rejected", "{}", r["r-2"]);
     assert_eq!(r["r-3"]["status"], "rejected", "{}", r["r-3"]);
+    assert_eq!(r["r-4"]["status"], "rejected", "{}", r["r-4"]);
+    assert_eq!(r["r-5"]["status"], "acknowledged", "{}", r["r-5"]);
     // The device really applied it: the command is stored as acknowledged for device 2.
     let admin = gw.admin.to_string();
     let out = gateway(&[
@@ -498,6 +525,21 @@ fn a_command_from_the_broker_reaches_the_device_and_its_result_is_published() ->
     );
     let _ = client.disconnect();
     let _ = pump.join();
+    gw.stop()?;
+    // After a restart the broker offers the retained command again: refused, not run twice.
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    wait_until(Duration::from_secs(20), "retained command refused", || {
+        Ok(all_results()?
+            .iter()
+            .any(|v| v["request_id"] == "r-5" && v["status"] == "rejected"))
+    })?;
+    // (A result may arrive twice, with the same seq: at least once.)
+    let pings: BTreeSet<String> = all_results()?
+        .iter()
+        .filter(|v| v["request_id"] == "r-5" && v["status"] == "acknowledged")
+        .map(|v| v["command_id"].to_string())
+        .collect();
+    assert_eq!(pings.len(), 1, "the retained command ran once: {pings:?}");
     gw.stop()?;
     Ok(())
 }

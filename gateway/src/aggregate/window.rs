@@ -140,8 +140,17 @@ pub enum Pushed {
     /// Too late for at least one window length and dropped there (by policy or because the
     /// closed window is no longer remembered).
     DroppedLate,
-    /// NaN values are not aggregated.
+    /// Values that are not finite or beyond ±1e300 are not aggregated (they would make the
+    /// statistics NaN); the reading still moves its device's watermark.
     Ignored,
+}
+
+/// Largest magnitude that is aggregated: the running sums of squares stay free of NaN.
+pub const MAX_AGGREGATED: f64 = 1e300;
+
+/// Whether a value takes part in aggregation.
+pub fn aggregated(v: f64) -> bool {
+    v.is_finite() && v.abs() <= MAX_AGGREGATED
 }
 
 /// One reading as the aggregator takes it.
@@ -267,14 +276,14 @@ impl Aggregator {
     /// Adds a reading received at gateway time `now_ms`; closed windows it corrects are
     /// appended to `out`.
     pub fn push(&mut self, r: Sample, now_ms: u64, out: &mut Vec<Aggregate>) -> Pushed {
-        if r.value.is_nan() {
-            return Pushed::Ignored;
-        }
         let cfg = &self.cfg;
         let d = self.devices.entry(r.device).or_default();
         d.seen_ms = d.seen_ms.max(now_ms);
         let wm = d.watermark.map_or(r.ts, |w| w.max(r.ts));
         d.watermark = Some(wm);
+        if !aggregated(r.value) {
+            return Pushed::Ignored;
+        }
         let mut result = Pushed::Open;
         for &len in &cfg.windows_ms {
             let key = (len, window_start(r.ts, len), r.sensor);
@@ -331,13 +340,13 @@ impl Aggregator {
     /// were open when the gateway stopped and is ignored for windows already closed or that
     /// its device's watermark has passed (they were emitted, or it was dropped as late).
     pub fn replay(&mut self, r: Sample) {
-        if r.value.is_nan() {
-            return;
-        }
         let cfg = &self.cfg;
         let d = self.devices.entry(r.device).or_default();
         let wm = d.watermark.map_or(r.ts, |w| w.max(r.ts));
         d.watermark = Some(wm);
+        if !aggregated(r.value) {
+            return;
+        }
         for &len in &cfg.windows_ms {
             let key = (len, window_start(r.ts, len), r.sensor);
             if let Some(s) = d.open.get_mut(&key) {
@@ -666,12 +675,25 @@ mod tests {
             a.push(s(7, 1, t * 1_000, 1.0), 0, &mut out);
             a.push(s(7, 2, t * 1_000, 2.0), 0, &mut out);
         }
-        assert_eq!(a.push(s(7, 3, 1, f64::NAN), 0, &mut out), Pushed::Ignored);
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e308, -1e301] {
+            assert_eq!(a.push(s(7, 3, 1, v), 0, &mut out), Pushed::Ignored);
+        }
+        // Extremes that are aggregated never make the statistics NaN.
+        a.push(s(7, 4, 1, 1e300), 0, &mut out);
+        a.push(s(7, 4, 2, -1e300), 0, &mut out);
+        a.push(s(7, 4, 3, 5.0), 0, &mut out);
         a.flush(&mut out);
         let tens = out.iter().filter(|w| w.window_ms == 10_000).count();
         let mins = out.iter().filter(|w| w.window_ms == 60_000).count();
         assert_eq!((tens, mins), (24, 4));
         assert!(out.iter().all(|w| w.sensor != 3));
+        assert!(
+            out.iter()
+                .filter(|w| w.sensor == 4)
+                .all(|w| !w.stats.mean.is_nan()
+                    && !w.stats.stddev().is_nan()
+                    && w.stats.count == 3)
+        );
         let total: u64 = out
             .iter()
             .filter(|w| w.window_ms == 60_000)

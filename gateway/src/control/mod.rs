@@ -185,6 +185,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Whether `command` fits one control frame; a command that does not could never be
+/// delivered (and would end every session of its device).
+pub fn command_fits(command: &proto::control::Command) -> bool {
+    let probe = GatewayMsg::Command {
+        id: proto::control::CommandId(u64::MAX),
+        command: command.clone(),
+    };
+    proto::control::encode_frame(&probe, proto::control::MAX_FRAME, &mut Vec::new()).is_ok()
+}
+
 /// Queues `command` for `devices` (stored first, so nothing is lost) and hands it at once to
 /// the sessions of those online. Returns (device, id, handed to a live session).
 ///

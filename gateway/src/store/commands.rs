@@ -201,17 +201,27 @@ impl Store {
         detail: Option<&str>,
     ) -> Result<(), StoreError> {
         let now = now_ms();
+        let final_status = matches!(
+            status,
+            CommandStatus::Acknowledged | CommandStatus::Failed | CommandStatus::Expired
+        );
         let mut tx = self.pool().begin().await?;
-        sqlx::query(
+        // A command ends once: the first final status wins (an answer racing an expiry sweep
+        // cannot produce two results).
+        let changed = sqlx::query(
             "UPDATE commands SET status = ?, updated_ms = ?, result = coalesce(?, result) \
-             WHERE id = ?",
+             WHERE id = ? AND status NOT IN ('acknowledged', 'failed', 'expired')",
         )
         .bind(status.as_str())
         .bind(now)
         .bind(detail)
         .bind(id.0 as i64)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
+        if changed == 0 {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO command_events (command, ts_ms, status, detail) VALUES (?, ?, ?, ?)",
         )
@@ -222,10 +232,6 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let mut added = 0;
-        let final_status = matches!(
-            status,
-            CommandStatus::Acknowledged | CommandStatus::Failed | CommandStatus::Expired
-        );
         if final_status
             && self
                 .outbox()

@@ -99,7 +99,7 @@ impl Store {
     /// Driver errors.
     pub async fn outbox_init(&self, enabled: bool) -> Result<(), StoreError> {
         let (rows, bytes): (i64, Option<i64>) =
-            sqlx::query_as("SELECT count(*), sum(length(payload)) FROM outbox")
+            sqlx::query_as("SELECT count(*), sum(length(CAST(payload AS BLOB))) FROM outbox")
                 .fetch_one(self.pool())
                 .await?;
         self.outbox.rows.store(rows, Relaxed);
@@ -163,7 +163,7 @@ impl Store {
     /// Driver errors.
     pub async fn outbox_status(&self) -> Result<OutboxStatus, StoreError> {
         let (rows, bytes): (i64, Option<i64>) =
-            sqlx::query_as("SELECT count(*), sum(length(payload)) FROM outbox")
+            sqlx::query_as("SELECT count(*), sum(length(CAST(payload AS BLOB))) FROM outbox")
                 .fetch_one(self.pool())
                 .await?;
         let oldest: Option<(i64,)> =

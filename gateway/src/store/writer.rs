@@ -306,7 +306,8 @@ impl Writer {
                 batch.push(item);
             }
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
-            self.commit(batch, flush, false).await;
+            // Under a load that never lets the tick win, the idle sweep rides on the flush.
+            self.commit(batch, flush, flush).await;
         }
         self.commit(Vec::new(), true, false).await;
         tracing::info!(
@@ -590,7 +591,8 @@ impl Writer {
         if !plan.delivered.is_empty() {
             let list = serde_json::to_string(&plan.delivered).unwrap_or_else(|_| "[]".into());
             let removed: Vec<(i64,)> = sqlx::query_as(
-                "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))                  RETURNING length(payload)",
+                "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) \
+                 RETURNING length(CAST(payload AS BLOB))",
             )
             .bind(list)
             .fetch_all(&mut *tx)
@@ -609,7 +611,9 @@ impl Writer {
                     .max((bytes - limits.max_bytes as i64 + avg - 1) / avg)
                     .clamp(1, 10_000);
                 let dropped: Vec<(i64,)> = sqlx::query_as(
-                    "DELETE FROM outbox WHERE seq IN                      (SELECT seq FROM outbox WHERE kind = ? ORDER BY seq LIMIT ?)                      RETURNING length(payload)",
+                    "DELETE FROM outbox WHERE seq IN \
+                     (SELECT seq FROM outbox WHERE kind = ? ORDER BY seq LIMIT ?) \
+                     RETURNING length(CAST(payload AS BLOB))",
                 )
                 .bind(KIND_AGG)
                 .bind(excess)
