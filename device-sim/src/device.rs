@@ -54,6 +54,7 @@ pub(crate) struct Behaviour {
 struct Pending {
     bytes: Vec<u8>,
     readings: u64,
+    first_sent: Instant,
     last_sent: Instant,
     tries: u32,
 }
@@ -268,6 +269,7 @@ impl Device {
         self.b.progress.datagrams_sent.fetch_add(1, Relaxed);
         self.b.progress.readings_sent.fetch_add(n as u64, Relaxed);
         let bytes = sealed.0;
+        let sent_at = Instant::now();
         self.transmit(&bytes).await;
         if self.b.faults.replay > 0.0
             && !self.history.is_empty()
@@ -290,7 +292,8 @@ impl Device {
                 Pending {
                     bytes,
                     readings: n as u64,
-                    last_sent: Instant::now(),
+                    first_sent: sent_at,
+                    last_sent: sent_at,
                     tries: 1,
                 },
             );
@@ -331,6 +334,9 @@ impl Device {
             return;
         }
         if let Some(p) = self.pending.remove(&ack.seq.0) {
+            self.b
+                .progress
+                .ack_latency(p.first_sent.elapsed().as_micros() as u64);
             self.report.datagrams_acked += 1;
             self.report.readings_acked += p.readings;
             self.b.progress.datagrams_acked.fetch_add(1, Relaxed);

@@ -192,6 +192,7 @@ pub async fn run(
     }
     let period = Duration::from_secs_f64(cfg.batch as f64 / cfg.rate);
     let lease = (LEASE_SECS / period.as_secs_f64()).ceil() as u64 + 16;
+    let progress_handle = progress.clone();
     let behaviour = Behaviour {
         period,
         batch: cfg.batch,
@@ -284,7 +285,8 @@ pub async fn run(
     if let Some(path) = &cfg.fleet_path {
         fleet.save(path)?;
     }
-    let report = Report::from_devices(reports, start.elapsed().as_secs_f64(), cfg.ack);
+    let mut report = Report::from_devices(reports, start.elapsed().as_secs_f64(), cfg.ack);
+    report.ack_latency = progress_handle.ack_latency_summary();
     readings.sort_by_key(|r| (r.device, r.seq, r.idx));
     Ok(Outcome {
         report,

@@ -3,6 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 /// Faults injected during a run, by kind.
@@ -110,6 +113,10 @@ pub struct Report {
     pub faults: FaultCounts,
     /// Wall time of the run, seconds.
     pub elapsed_s: f64,
+    /// Send-to-ack latency of acknowledged datagrams, from the first transmission (with acks
+    /// on and at least one ack).
+    #[serde(default)]
+    pub ack_latency: Option<Latency>,
     /// Whether acks were requested.
     pub ack: bool,
     /// Per device, by id.
@@ -156,6 +163,15 @@ impl Report {
                 "acked  {} datagrams, {} readings; {} retransmissions, {} unacked\n",
                 self.datagrams_acked, self.readings_acked, self.retransmissions, self.unacked
             ));
+            if let Some(l) = &self.ack_latency {
+                s.push_str(&format!(
+                    "ack latency p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms\n",
+                    l.p50_us as f64 / 1e3,
+                    l.p99_us as f64 / 1e3,
+                    l.p999_us as f64 / 1e3,
+                    l.max_us as f64 / 1e3
+                ));
+            }
         }
         let f = &self.faults;
         if *f != FaultCounts::default() {
@@ -171,6 +187,40 @@ impl Report {
     }
 }
 
+/// A latency distribution, microseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest.
+    pub max_us: u64,
+}
+
+impl Latency {
+    /// Summary of a histogram; None when it is empty.
+    pub fn of(h: &Histogram<u64>) -> Option<Self> {
+        (!h.is_empty()).then(|| Latency {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        })
+    }
+}
+
+/// A histogram for latencies from 1 µs to 10 min at 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    // Constant bounds that hdrhistogram accepts.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
 /// Live totals for progress displays, updated by the device tasks.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -184,9 +234,25 @@ pub struct Progress {
     pub datagrams_acked: AtomicU64,
     /// Readings acknowledged.
     pub readings_acked: AtomicU64,
+    /// Send-to-ack latency of every acknowledged datagram, µs (None until the first ack).
+    pub ack_latency: Mutex<Option<Histogram<u64>>>,
 }
 
 impl Progress {
+    /// Records one send-to-ack latency.
+    pub fn ack_latency(&self, us: u64) {
+        if let Ok(mut h) = self.ack_latency.lock() {
+            let _ = h
+                .get_or_insert_with(latency_histogram)
+                .record(us.clamp(1, 600_000_000));
+        }
+    }
+
+    /// Summary of the send-to-ack latencies so far.
+    pub fn ack_latency_summary(&self) -> Option<Latency> {
+        self.ack_latency.lock().ok()?.as_ref().and_then(Latency::of)
+    }
+
     /// (datagrams sent, readings sent, datagrams acked, readings acked).
     pub fn get(&self) -> (u64, u64, u64, u64) {
         (

@@ -115,6 +115,8 @@ pub mod names {
     pub const LATENCY_P99_US: &str = "commit_latency_p99_us";
     /// Receive-to-commit latency of the current run, maximum, microseconds (a gauge).
     pub const LATENCY_MAX_US: &str = "commit_latency_max_us";
+    /// Receive-to-commit latency of the current run, 99.9th percentile, microseconds (a gauge).
+    pub const LATENCY_P999_US: &str = "commit_latency_p999_us";
     /// Closed windows stored (first emissions).
     pub const AGGREGATES_CLOSED: &str = "aggregates_closed";
     /// Corrected windows stored (revisions by late readings).
@@ -167,6 +169,8 @@ pub struct Counters {
     pub latency_p99_us: AtomicU64,
     /// See [`names::LATENCY_MAX_US`].
     pub latency_max_us: AtomicU64,
+    /// See [`names::LATENCY_P999_US`].
+    pub latency_p999_us: AtomicU64,
     /// See [`names::AGGREGATES_CLOSED`].
     pub aggregates_closed: AtomicU64,
     /// See [`names::AGGREGATES_REVISED`].
@@ -243,6 +247,7 @@ impl Counters {
             (names::LATENCY_P50_US, c(&self.latency_p50_us), true),
             (names::LATENCY_P99_US, c(&self.latency_p99_us), true),
             (names::LATENCY_MAX_US, c(&self.latency_max_us), true),
+            (names::LATENCY_P999_US, c(&self.latency_p999_us), true),
             (names::AGGREGATES_CLOSED, c(&self.aggregates_closed), false),
             (
                 names::AGGREGATES_REVISED,

@@ -9,7 +9,10 @@ use std::sync::OnceLock;
 use serde::Serialize;
 use sqlx::SqlStr;
 
+use futures_util::StreamExt;
+
 use super::outbox::KIND_AGG;
+use super::query::ReadingsFilter;
 use super::{Store, StoreError, now_ms, pow2_chunk, values_sql};
 use crate::aggregate::outbox_message;
 use crate::aggregate::window::{Aggregate, Aggregator, AggregatorConfig, Sample, Stats};
@@ -189,33 +192,41 @@ impl Store {
     }
 
     async fn device_watermark(&self, device: i64) -> Result<Option<i64>, StoreError> {
-        let (wm,): (Option<i64>,) = sqlx::query_as("SELECT max(ts) FROM readings WHERE device = ?")
-            .bind(device)
-            .fetch_one(self.pool())
-            .await?;
+        // The newest blocks by ts_min hold the latest timestamp: no block spans more than
+        // BLOCK_SPAN_MS, so only those within that span of the newest need to be looked at.
+        let (wm,): (Option<i64>,) = sqlx::query_as(
+            "SELECT max(ts_max) FROM blocks WHERE device = ?1 AND ts_min >= \
+             (SELECT max(ts_min) FROM blocks WHERE device = ?1) - ?2",
+        )
+        .bind(device)
+        .bind(super::block::BLOCK_SPAN_MS)
+        .fetch_one(self.pool())
+        .await?;
         Ok(wm)
     }
 
     async fn device_samples(&self, device: i64, from_ts: i64) -> Result<Vec<Sample>, StoreError> {
-        let rows: Vec<(i64, i64, i64, i64, f64)> = sqlx::query_as(
-            "SELECT sensor, ts, seq, idx, value FROM readings \
-             WHERE device = ? AND ts >= ? AND value IS NOT NULL ORDER BY ts, seq, idx",
-        )
-        .bind(device)
-        .bind(from_ts)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(sensor, ts, seq, idx, value)| Sample {
-                device: device as u32,
-                sensor: sensor as u16,
-                ts,
-                seq: seq as u64,
-                idx: idx as u16,
-                value,
-            })
-            .collect())
+        let filter = ReadingsFilter {
+            device: Some(device as u32),
+            from_ms: Some(from_ts),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        let mut rows = std::pin::pin!(self.readings(&filter));
+        while let Some(r) = rows.next().await {
+            let r = r?;
+            if let Some(value) = r.value {
+                out.push(Sample {
+                    device: r.device,
+                    sensor: r.sensor,
+                    ts: r.ts_ms,
+                    seq: r.seq,
+                    idx: r.idx as u16,
+                    value,
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn stored_aggregates(

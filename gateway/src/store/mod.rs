@@ -6,6 +6,7 @@
 //! them proceed without blocking the writer).
 
 pub mod aggregates;
+pub mod block;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
@@ -202,10 +203,104 @@ impl Store {
             .connect_with(connect)
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;
-        Ok(Store {
+        let store = Store {
             pool,
             outbox: Default::default(),
-        })
+        };
+        store.convert_legacy_readings().await?;
+        Ok(store)
+    }
+
+    /// Moves readings stored one per row by earlier versions into blocks, a chunk per
+    /// transaction (so an interrupted conversion resumes), then drops the old table.
+    async fn convert_legacy_readings(&self) -> Result<(), StoreError> {
+        let (exists,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'readings_v0'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if exists == 0 {
+            return Ok(());
+        }
+        const CHUNK: i64 = 50_000;
+        let mut moved = 0u64;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            // In key order from the start; everything read is deleted below by key range.
+            let rows: Vec<(i64, i64, i64, i64, i64, Option<f64>)> = sqlx::query_as(
+                "SELECT device, seq, idx, sensor, ts, value FROM readings_v0 \
+                 ORDER BY device, ts, seq, idx LIMIT ?",
+            )
+            .bind(CHUNK)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                sqlx::query("DROP TABLE readings_v0")
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                if moved > 0 {
+                    tracing::info!(readings = moved, "converted stored readings to blocks");
+                }
+                return Ok(());
+            }
+            let mut buf = Vec::new();
+            let mut blocks = Vec::new();
+            let mut run: Vec<proto::Reading> = Vec::new();
+            let mut i = 0;
+            while i < rows.len() {
+                // A run of consecutive indexes of one datagram (readings with other timestamps
+                // become blocks of their own; the key keeps each reading's identity).
+                let (device, seq, first_idx) = (rows[i].0, rows[i].1, rows[i].2);
+                run.clear();
+                let mut j = i;
+                while j < rows.len()
+                    && rows[j].0 == device
+                    && rows[j].1 == seq
+                    && rows[j].2 == first_idx + (j - i) as i64
+                {
+                    let (_, _, _, sensor, ts, value) = rows[j];
+                    run.push(proto::Reading {
+                        sensor: proto::SensorId(sensor as u16),
+                        ts: proto::Millis(ts as u64),
+                        value: value.unwrap_or(f64::NAN),
+                    });
+                    j += 1;
+                }
+                let from = blocks.len();
+                block::encode(device as u32, seq as u64, &run, &mut buf, &mut blocks);
+                for b in &mut blocks[from..] {
+                    b.idx += first_idx;
+                }
+                i = j;
+            }
+            for b in &blocks {
+                sqlx::query(
+                    "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                )
+                .bind(b.device)
+                .bind(b.ts_min)
+                .bind(b.seq)
+                .bind(b.idx)
+                .bind(b.ts_max)
+                .bind(b.count)
+                .bind(&buf[b.data.clone()])
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(&(device, seq, idx, _, ts, _)) = rows.last() {
+                sqlx::query("DELETE FROM readings_v0 WHERE (device, ts, seq, idx) <= (?, ?, ?, ?)")
+                    .bind(device)
+                    .bind(ts)
+                    .bind(seq)
+                    .bind(idx)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            moved += rows.len() as u64;
+        }
     }
 
     /// The connection pool, for the writer and queries of this module.

@@ -1,8 +1,14 @@
-//! Read queries over stored readings, for the CLI (and later the HTTP API). Results stream in
-//! primary-key order (device, time), so a query never sorts in memory, however large.
+//! Read queries over stored readings, for the CLI (and later the HTTP API). Blocks are read in
+//! primary-key order (device, earliest time) and merged into readings in (device, time)
+//! order, so a query holds only the blocks that overlap in time, however large its result.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 
+use crate::store::block::{self, BLOCK_SPAN_MS, Decoded};
 use crate::store::{Store, StoreError};
 
 /// Which readings to return. Every field narrows the result; none returns everything.
@@ -37,58 +43,349 @@ pub struct ReadingRow {
     pub idx: u32,
 }
 
+/// A reading in sort order: (device, ts, seq, idx), then sensor and the value's bits.
+type Key = (i64, i64, u64, u32, u16, u64);
+
+/// A row of the blocks table as queried: device, ts_min, seq, idx, blob.
+type BlockRecord = (i64, i64, i64, i64, Vec<u8>);
+
+/// State of the streaming merge of blocks into readings in key order.
+struct Merge<'a> {
+    blocks: BoxStream<'a, Result<BlockRecord, sqlx::Error>>,
+    filter: ReadingsFilter,
+    /// Decoded readings that a later block might still precede.
+    pending: BinaryHeap<Reverse<Key>>,
+    /// Readings that no later block can precede, in order.
+    ready: VecDeque<Key>,
+    device: Option<i64>,
+    decoded: Vec<Decoded>,
+    emitted: u64,
+    done: bool,
+}
+
+impl Merge<'_> {
+    /// Takes one block. Blocks arrive by (device, ts_min), so every pending reading of the same
+    /// device older than this block's earliest timestamp is final.
+    fn take(&mut self, (device, ts_min, seq, idx, data): BlockRecord) -> Result<(), StoreError> {
+        if self.device != Some(device) {
+            self.release(i64::MAX);
+            self.device = Some(device);
+        } else {
+            self.release(ts_min);
+        }
+        self.decoded.clear();
+        block::decode(ts_min, idx, &data, &mut self.decoded).ok_or(StoreError::Corrupt {
+            table: "blocks",
+            reason: "undecodable readings blob",
+        })?;
+        let f = &self.filter;
+        for d in &self.decoded {
+            if f.sensor.is_some_and(|s| s != d.sensor)
+                || f.from_ms.is_some_and(|t| d.ts < t)
+                || f.to_ms.is_some_and(|t| d.ts >= t)
+            {
+                continue;
+            }
+            self.pending.push(Reverse((
+                device,
+                d.ts,
+                seq as u64,
+                d.idx,
+                d.sensor,
+                d.value.to_bits(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Moves pending readings with a timestamp before `ts` to `ready`.
+    fn release(&mut self, ts: i64) {
+        while self.pending.peek().is_some_and(|Reverse(k)| k.1 < ts) {
+            if let Some(Reverse(k)) = self.pending.pop() {
+                self.ready.push_back(k);
+            }
+        }
+    }
+}
+
 impl Store {
-    /// Streams the readings matching `filter`, by device then time.
+    /// Streams the readings matching `filter`, by device then time (then sequence and
+    /// index). Memory is bounded by the blocks that overlap in time, not by the result.
     pub fn readings(
         &self,
         filter: &ReadingsFilter,
     ) -> impl Stream<Item = Result<ReadingRow, StoreError>> + '_ {
-        // Built from fixed fragments only; every value is a bound parameter.
-        let mut sql =
-            String::from("SELECT device, sensor, ts, value, seq, idx FROM readings WHERE 1 = 1");
+        // Built from fixed fragments only; every value is a bound parameter. A block's
+        // readings lie within BLOCK_SPAN_MS of its ts_min, which bounds the key range.
+        let mut sql = String::from("SELECT device, ts_min, seq, idx, data FROM blocks WHERE 1 = 1");
         if filter.device.is_some() {
             sql.push_str(" AND device = ?");
         }
-        if filter.sensor.is_some() {
-            sql.push_str(" AND sensor = ?");
-        }
         if filter.from_ms.is_some() {
-            sql.push_str(" AND ts >= ?");
+            sql.push_str(" AND ts_min >= ?");
         }
         if filter.to_ms.is_some() {
-            sql.push_str(" AND ts < ?");
+            sql.push_str(" AND ts_min < ?");
         }
-        sql.push_str(" ORDER BY device, ts, seq, idx");
-        if filter.limit.is_some() {
-            sql.push_str(" LIMIT ?");
-        }
-        let mut q =
-            sqlx::query_as::<_, (i64, i64, i64, Option<f64>, i64, i64)>(sqlx::AssertSqlSafe(sql));
+        sql.push_str(" ORDER BY device, ts_min, seq, idx");
+        let mut q = sqlx::query_as::<_, BlockRecord>(sqlx::AssertSqlSafe(sql));
         if let Some(d) = filter.device {
             q = q.bind(i64::from(d));
         }
-        if let Some(s) = filter.sensor {
-            q = q.bind(i64::from(s));
-        }
         if let Some(f) = filter.from_ms {
-            q = q.bind(f);
+            q = q.bind(f.saturating_sub(BLOCK_SPAN_MS));
         }
         if let Some(t) = filter.to_ms {
             q = q.bind(t);
         }
-        if let Some(l) = filter.limit {
-            q = q.bind(l.min(i64::MAX as u64) as i64);
-        }
-        q.fetch(self.pool()).map(|r| {
-            r.map(|(device, sensor, ts_ms, value, seq, idx)| ReadingRow {
-                device: device as u32,
-                sensor: sensor as u16,
-                ts_ms,
-                value,
-                seq: seq as u64,
-                idx: idx as u32,
-            })
-            .map_err(StoreError::from)
+        let merge = Merge {
+            blocks: q.fetch(self.pool()).boxed(),
+            filter: filter.clone(),
+            pending: BinaryHeap::new(),
+            ready: VecDeque::new(),
+            device: None,
+            decoded: Vec::new(),
+            emitted: 0,
+            done: false,
+        };
+        futures_util::stream::unfold(merge, |mut m| async move {
+            loop {
+                if m.filter.limit.is_some_and(|l| m.emitted >= l) {
+                    return None;
+                }
+                if let Some((device, ts_ms, seq, idx, sensor, bits)) = m.ready.pop_front() {
+                    m.emitted += 1;
+                    let value = f64::from_bits(bits);
+                    let row = ReadingRow {
+                        device: device as u32,
+                        sensor,
+                        ts_ms,
+                        value: (!value.is_nan()).then_some(value),
+                        seq,
+                        idx,
+                    };
+                    return Some((Ok(row), m));
+                }
+                if m.done {
+                    return None;
+                }
+                match m.blocks.next().await {
+                    Some(Ok(block)) => {
+                        if let Err(e) = m.take(block) {
+                            m.done = true;
+                            return Some((Err(e), m));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        m.done = true;
+                        return Some((Err(e.into()), m));
+                    }
+                    None => {
+                        m.release(i64::MAX);
+                        m.done = true;
+                    }
+                }
+            }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::OpenOptions;
+    use futures_util::TryStreamExt;
+    use proto::{Millis, Reading, SensorId};
+
+    async fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(&OpenOptions::cli(&dir.path().join("q.db"), true))
+            .await
+            .expect("open")
+    }
+
+    async fn insert(store: &Store, device: u32, seq: u64, readings: &[(u16, u64, f64)]) {
+        let rs: Vec<Reading> = readings
+            .iter()
+            .map(|&(s, t, v)| Reading {
+                sensor: SensorId(s),
+                ts: Millis(t),
+                value: v,
+            })
+            .collect();
+        let (mut buf, mut rows) = (Vec::new(), Vec::new());
+        block::encode(device, seq, &rs, &mut buf, &mut rows);
+        for b in rows {
+            sqlx::query("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?)")
+                .bind(b.device)
+                .bind(b.ts_min)
+                .bind(b.seq)
+                .bind(b.idx)
+                .bind(b.ts_max)
+                .bind(b.count)
+                .bind(&buf[b.data])
+                .execute(store.pool())
+                .await
+                .expect("insert");
+        }
+    }
+
+    fn key(r: &ReadingRow) -> (u32, i64, u64, u32) {
+        (r.device, r.ts_ms, r.seq, r.idx)
+    }
+
+    #[tokio::test]
+    async fn overlapping_blocks_merge_into_key_order_and_filters_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir).await;
+        // Blocks whose time ranges overlap, out of order, across devices and a split datagram.
+        let mut all = Vec::new();
+        let mut seq = 0;
+        for device in [3u32, 1, 2] {
+            for start in [1_000u64, 400, 5_000, 450, 2_000, 1_000] {
+                seq += 1;
+                let rs: Vec<(u16, u64, f64)> = (0..8u16)
+                    .map(|i| {
+                        (
+                            i % 3,
+                            start + u64::from(i) * 700 % 2_300,
+                            f64::from(i) + seq as f64,
+                        )
+                    })
+                    .collect();
+                insert(&s, device, seq, &rs).await;
+                for (i, &(sensor, ts, v)) in rs.iter().enumerate() {
+                    all.push(ReadingRow {
+                        device,
+                        sensor,
+                        ts_ms: ts as i64,
+                        value: Some(v),
+                        seq,
+                        idx: i as u32,
+                    });
+                }
+            }
+        }
+        insert(&s, 1, 100, &[(0, 10, f64::NAN), (1, 10 + 400_000, 2.0)]).await;
+        all.push(ReadingRow {
+            device: 1,
+            sensor: 0,
+            ts_ms: 10,
+            value: None,
+            seq: 100,
+            idx: 0,
+        });
+        all.push(ReadingRow {
+            device: 1,
+            sensor: 1,
+            ts_ms: 400_010,
+            value: Some(2.0),
+            seq: 100,
+            idx: 1,
+        });
+        all.sort_by_key(key);
+
+        let got: Vec<ReadingRow> = s
+            .readings(&ReadingsFilter::default())
+            .try_collect()
+            .await
+            .expect("query");
+        assert_eq!(got, all);
+
+        let f = ReadingsFilter {
+            device: Some(1),
+            sensor: Some(1),
+            from_ms: Some(1_200),
+            to_ms: Some(400_010),
+            limit: None,
+        };
+        let want: Vec<ReadingRow> = all
+            .iter()
+            .filter(|r| r.device == 1 && r.sensor == 1 && r.ts_ms >= 1_200 && r.ts_ms < 400_010)
+            .cloned()
+            .collect();
+        assert!(!want.is_empty());
+        let got: Vec<ReadingRow> = s.readings(&f).try_collect().await.expect("query");
+        assert_eq!(got, want);
+
+        let f = ReadingsFilter {
+            device: Some(2),
+            limit: Some(5),
+            ..Default::default()
+        };
+        let got: Vec<ReadingRow> = s.readings(&f).try_collect().await.expect("query");
+        let want: Vec<ReadingRow> = all
+            .iter()
+            .filter(|r| r.device == 2)
+            .take(5)
+            .cloned()
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn readings_of_the_old_layout_are_converted_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir).await;
+        sqlx::query(
+            "CREATE TABLE readings_v0 (device INTEGER NOT NULL, ts INTEGER NOT NULL, \
+             seq INTEGER NOT NULL, idx INTEGER NOT NULL, sensor INTEGER NOT NULL, value REAL, \
+             PRIMARY KEY (device, ts, seq, idx)) WITHOUT ROWID",
+        )
+        .execute(s.pool())
+        .await
+        .expect("create");
+        let mut want = Vec::new();
+        for i in 0..120_000u64 {
+            let (device, seq, idx) = ((i % 7) as u32, i / 7 / 16, (i / 7 % 16) as u32);
+            let ts = 1_000 + seq as i64 * 10 + i64::from(idx % 4);
+            let value = (i % 11 != 0).then_some(i as f64 / 4.0);
+            want.push(ReadingRow {
+                device,
+                sensor: (idx % 3) as u16,
+                ts_ms: ts,
+                value,
+                seq,
+                idx,
+            });
+        }
+        for chunk in want.chunks(5_000) {
+            let mut tx = s.pool().begin().await.expect("begin");
+            for r in chunk {
+                sqlx::query("INSERT INTO readings_v0 VALUES (?, ?, ?, ?, ?, ?)")
+                    .bind(i64::from(r.device))
+                    .bind(r.ts_ms)
+                    .bind(r.seq as i64)
+                    .bind(i64::from(r.idx))
+                    .bind(i64::from(r.sensor))
+                    .bind(r.value)
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+            }
+            tx.commit().await.expect("commit");
+        }
+        want.sort_by_key(key);
+        s.convert_legacy_readings().await.expect("convert");
+        let got: Vec<ReadingRow> = s
+            .readings(&ReadingsFilter::default())
+            .try_collect()
+            .await
+            .expect("query");
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got, want);
+        let (left,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM sqlite_schema WHERE name = 'readings_v0'")
+                .fetch_one(s.pool())
+                .await
+                .expect("schema");
+        assert_eq!(left, 0);
+        // Opening again finds nothing to convert and changes nothing.
+        s.convert_legacy_readings().await.expect("again");
+        let again: Vec<ReadingRow> = s
+            .readings(&ReadingsFilter::default())
+            .try_collect()
+            .await
+            .expect("query");
+        assert_eq!(again, want);
     }
 }

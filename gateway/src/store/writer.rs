@@ -29,11 +29,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::aggregate::window::{Aggregate, Aggregator, Pushed, Sample};
 use crate::events::{Counters, Snapshot};
 use crate::replay::{ReplayWindow, Verdict};
+use crate::store::block::{self, BlockRow};
 use crate::store::outbox::KIND_AGG;
 use crate::store::{DeviceState, Store, aggregates, apply_counters, now_ms};
 
-/// Largest multi-row INSERT, in rows (6 parameters each, well under SQLite's variable limit).
-const MAX_ROWS_PER_STATEMENT: usize = 256;
+/// Largest multi-row INSERT, in blocks (7 parameters each, well under SQLite's variable limit).
+const MAX_ROWS_PER_STATEMENT: usize = 128;
 
 /// What ingest hands to the writer.
 #[derive(Debug)]
@@ -131,9 +132,6 @@ pub struct Writer {
     last_full_log: Option<Instant>,
 }
 
-/// Row of the readings table, in primary-key order for sorting.
-type Row = (i64, i64, i64, i64, i64, Option<f64>);
-
 /// Per-device changes of one transaction.
 #[derive(Default)]
 struct DeviceDelta {
@@ -147,7 +145,11 @@ struct DeviceDelta {
 /// Everything one transaction writes, and what to do after it commits.
 #[derive(Default)]
 struct Plan {
-    rows: Vec<Row>,
+    /// Blocks of readings, one per datagram (rarely more), blobs in `data`.
+    blocks: Vec<BlockRow>,
+    data: Vec<u8>,
+    /// Readings in `blocks`.
+    readings: u64,
     devices: HashMap<DeviceId, DeviceDelta>,
     acks: Vec<(SocketAddr, [u8; ACK_LEN])>,
     received: Vec<Instant>,
@@ -218,10 +220,10 @@ fn insert_sql(rows: usize) -> SqlStr {
     let all = SQL.get_or_init(|| {
         (0..=MAX_ROWS_PER_STATEMENT.trailing_zeros())
             .map(|p| {
-                let values = vec!["(?,?,?,?,?,?)"; 1 << p].join(",");
+                let values = vec!["(?,?,?,?,?,?,?)"; 1 << p].join(",");
                 sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO readings (device, ts, seq, idx, sensor, value) VALUES {values} \
-                     ON CONFLICT DO NOTHING"
+                    "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+                     VALUES {values} ON CONFLICT DO NOTHING"
                 ))
                 .into_sql_str()
             })
@@ -320,7 +322,7 @@ impl Writer {
     /// windows of idle devices.
     async fn commit(&mut self, batch: Vec<Item>, flush: bool, tick: bool) {
         let plan = self.plan(batch, tick);
-        if plan.rows.is_empty()
+        if plan.blocks.is_empty()
             && plan.devices.is_empty()
             && plan.aggs.is_empty()
             && plan.delivered.is_empty()
@@ -366,7 +368,7 @@ impl Writer {
             .fetch_add(plan.datagrams, Relaxed);
         self.counters
             .readings_committed
-            .fetch_add(plan.rows.len() as u64, Relaxed);
+            .fetch_add(plan.readings, Relaxed);
         let now = Instant::now();
         for r in &plan.received {
             let us = now.duration_since(*r).as_micros() as u64;
@@ -438,16 +440,14 @@ impl Writer {
                     delta.window = Some(window);
                     delta.datagrams += 1;
                     delta.readings += a.readings.len() as i64;
-                    for (idx, r) in a.readings.iter().enumerate() {
-                        plan.rows.push((
-                            i64::from(a.device.0),
-                            r.ts.0 as i64,
-                            a.seq.0 as i64,
-                            idx as i64,
-                            i64::from(r.sensor.0),
-                            (!r.value.is_nan()).then_some(r.value),
-                        ));
-                    }
+                    block::encode(
+                        a.device.0,
+                        a.seq.0,
+                        &a.readings,
+                        &mut plan.data,
+                        &mut plan.blocks,
+                    );
+                    plan.readings += a.readings.len() as u64;
                     if let Some(agg) = &mut self.aggregator {
                         for (idx, r) in a.readings.iter().enumerate() {
                             let sample = Sample {
@@ -495,7 +495,7 @@ impl Writer {
             }
         }
         // Key order keeps B-tree inserts local: each device's pages are touched once.
-        plan.rows.sort_unstable_by_key(|r| (r.0, r.1, r.2, r.3));
+        plan.blocks.sort_unstable_by_key(BlockRow::key);
         plan
     }
 
@@ -507,20 +507,21 @@ impl Writer {
         let persisted = &self.persisted;
         let mut change = OutboxChange::default();
         let mut tx = self.conn.begin().await?;
-        let mut rest = &plan.rows[..];
+        let mut rest = &plan.blocks[..];
         while !rest.is_empty() {
             // Largest power of two that fits: at most 9 distinct statements, all cached.
             let n = MAX_ROWS_PER_STATEMENT.min(1 << (usize::BITS - 1 - rest.len().leading_zeros()));
             let (chunk, tail) = rest.split_at(n);
             let mut q = sqlx::query(insert_sql(n));
-            for r in chunk {
+            for b in chunk {
                 q = q
-                    .bind(r.0)
-                    .bind(r.1)
-                    .bind(r.2)
-                    .bind(r.3)
-                    .bind(r.4)
-                    .bind(r.5);
+                    .bind(b.device)
+                    .bind(b.ts_min)
+                    .bind(b.seq)
+                    .bind(b.idx)
+                    .bind(b.ts_max)
+                    .bind(b.count)
+                    .bind(&plan.data[b.data.clone()]);
             }
             q.execute(&mut *tx).await?;
             rest = tail;
@@ -714,6 +715,8 @@ impl Writer {
             .store(self.latency.value_at_quantile(0.5), Relaxed);
         c.latency_p99_us
             .store(self.latency.value_at_quantile(0.99), Relaxed);
+        c.latency_p999_us
+            .store(self.latency.value_at_quantile(0.999), Relaxed);
         c.latency_max_us.store(self.latency.max(), Relaxed);
     }
 }
