@@ -1,65 +1,354 @@
-//! Ingest benchmark: the real `gateway` and `device-sim` binaries on loopback, stepping the
-//! offered load up to find the highest rate at which every reading is committed and acked.
+//! Ingest benchmark against the machine's own limits, measured in the same run.
 //!
-//! For each rate: a fresh database, `--devices` provisioned devices, `device-sim --ack` for
-//! `--duration`, then the gateway's counters (committed readings, drops, receive-to-commit
-//! latency p50/p99), its peak RSS (VmHWM) and CPU time, and the simulator's report.
+//! 1. Ceilings, each for `--ceiling-time`: (a) raw UDP receive: one blocking socket fed by one
+//!    blocking sender with sealed datagrams of the benchmark's size; (b) raw SQLite insert: the
+//!    gateway's schema (its migrations) and the same block rows, one plain prepared statement in
+//!    transactions of 16,384 rows; (c) the tutorial design: one blocking socket, each
+//!    datagram's readings inserted one by one and committed, SQLite defaults.
+//! 2. The real `gateway serve` and `device-sim` on loopback, a fresh database per step, at each
+//!    offered rate with acks off and on: committed readings/s, receive-to-commit and
+//!    send-to-ack latency, gateway CPU and peak RSS, drops by reason. *Sustained* means every
+//!    reading sent was committed (and, with acks, acknowledged on its first transmission) with
+//!    no drop.
 //!
-//! Run: `cargo run --release -p e2e --bin ingest-bench -- [--rates 100000,200000] [--devices 1000]`
+//! Run: `cargo run --release -p e2e --bin ingest-bench -- [--rates 250000,500000] [--acks both]`
+//! `--guard F` is the regression guard of CI: it offers F × the SQLite ceiling with acks on and
+//! fails unless that is sustained.
 
-use std::time::Duration;
+// A benchmark of blocking threads: it measures wall time with std's clock, and its one sleep
+// paces a sender (rate limiting, not synchronisation).
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use e2e::*;
+use gateway::store::block;
+use proto::{Batch, Cipher, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Acks {
+    Off,
+    On,
+    Both,
+}
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Offered loads to try, total readings per second, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [100_000u64, 150_000, 200_000, 250_000, 300_000])]
+    /// Offered loads, total readings per second, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [250_000u64, 500_000, 750_000, 1_000_000])]
     rates: Vec<u64>,
+    /// Which ramps to run.
+    #[arg(long, value_enum, default_value = "both")]
+    acks: Acks,
     /// Simulated devices.
     #[arg(long, default_value_t = 1000)]
     devices: u32,
     /// Readings per datagram.
     #[arg(long, default_value_t = 16)]
     batch: usize,
-    /// Seconds of load per rate.
+    /// Load time per step.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// Measuring time of each ceiling.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    ceiling_time: Duration,
+    /// Skip the ceilings.
+    #[arg(long)]
+    no_ceilings: bool,
     /// Gateway durability setting.
     #[arg(long, default_value = "normal")]
     durability: String,
-    /// Gateway config file (e.g. one with `[aggregate] enabled = false`).
+    /// Gateway config file.
     #[arg(long)]
-    config: Option<std::path::PathBuf>,
+    config: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Instead of ingest: build a database of this many readings (1,000 devices, one reading a
+    /// second each, 16 per datagram) and time queries of one device's hour.
+    #[arg(long)]
+    query: Option<u64>,
+    /// Where to build the query database (default: a temporary directory).
+    #[arg(long)]
+    query_dir: Option<PathBuf>,
+    /// Regression guard: offer this fraction of the in-run SQLite ceiling with acks on and
+    /// exit non-zero unless it is sustained.
+    #[arg(long)]
+    guard: Option<f64>,
 }
 
-struct Row {
-    rate: u64,
+#[derive(Debug, Clone, Default, Serialize)]
+struct Ceilings {
+    /// (a) datagrams/s one blocking socket received, and what its sender reached.
+    udp_received_datagrams_s: f64,
+    udp_sent_datagrams_s: f64,
+    udp_readings_s: f64,
+    /// (b) readings/s through a plain prepared statement, same schema and rows.
+    sqlite_readings_s: f64,
+    sqlite_rows_s: f64,
+    /// (c) the tutorial design, datagrams/s and readings/s committed.
+    tutorial_datagrams_s: f64,
+    tutorial_readings_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Step {
+    acks: bool,
+    offered: u64,
     sent: u64,
     committed: u64,
     acked: u64,
+    retransmits: u64,
     unacked: u64,
-    retx: u64,
-    drops: u64,
-    elapsed: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    rss_mib: f64,
-    cpu_cores: f64,
+    committed_readings_s: f64,
+    committed_datagrams_s: f64,
+    commit_p50_ms: f64,
+    commit_p99_ms: f64,
+    commit_p999_ms: f64,
+    ack_p50_ms: Option<f64>,
+    ack_p99_ms: Option<f64>,
+    ack_p999_ms: Option<f64>,
+    gateway_cpu_cores: f64,
+    gateway_peak_rss_mib: f64,
+    drops: BTreeMap<String, u64>,
+    sustained: bool,
 }
 
-fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = s
-        .lines()
-        .find(|l| l.starts_with(field))
-        .with_context(|| format!("{field} in /proc status"))?;
-    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+#[derive(Debug, Serialize)]
+struct Results {
+    machine: String,
+    devices: u32,
+    batch: usize,
+    step_seconds: f64,
+    ceilings: Option<Ceilings>,
+    steps: Vec<Step>,
+    best_sustained_acks_off: Option<u64>,
+    best_sustained_acks_on: Option<u64>,
 }
 
-/// utime + stime of a process, seconds (assumes the usual 100 ticks per second).
+/// Readings of one datagram as a simulated device takes them: `sensors` sensors in turn,
+/// evenly spaced over `period_ms`.
+fn readings(batch: usize, now_ms: u64, period_ms: u64, salt: u64) -> Vec<Reading> {
+    (0..batch)
+        .map(|i| Reading {
+            sensor: SensorId((i % 4) as u16 + 1),
+            ts: Millis(now_ms - (batch - 1 - i) as u64 * period_ms / batch as u64),
+            value: 20.0 + ((salt + i as u64) % 1000) as f64 / 37.0,
+        })
+        .collect()
+}
+
+/// Sealed datagrams from `devices` devices, one each, and their ciphers.
+fn sealed_set(devices: u32, batch: usize, ack: bool) -> (Vec<Vec<u8>>, HashMap<DeviceId, Cipher>) {
+    let mut out = Vec::new();
+    let mut ciphers = HashMap::new();
+    for d in 0..devices {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&d.to_le_bytes());
+        k[31] = 7;
+        let cipher = DeviceKey(k).cipher();
+        let header = Header {
+            flags: Flags(if ack { Flags::ACK_REQUESTED } else { 0 }),
+            device: DeviceId(d),
+            seq: Seq(1),
+        };
+        let batch = Batch {
+            readings: readings(batch, 1_764_000_000_000, 1000, u64::from(d)),
+        };
+        if let Ok(s) = batch.seal(&header, &cipher) {
+            out.push(s.0);
+        }
+        ciphers.insert(DeviceId(d), cipher);
+    }
+    (out, ciphers)
+}
+
+fn udp_pair(recv_buffer: usize) -> anyhow::Result<(UdpSocket, UdpSocket)> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(recv_buffer);
+    s.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>()?.into())?;
+    let rx: UdpSocket = s.into();
+    rx.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let tx = UdpSocket::bind("127.0.0.1:0")?;
+    tx.connect(rx.local_addr()?)?;
+    Ok((rx, tx))
+}
+
+/// Sends `set` round-robin on a thread for `time`, pausing `p` after every `every` datagrams
+/// when given; returns how many were sent.
+fn blast(
+    tx: UdpSocket,
+    set: Vec<Vec<u8>>,
+    time: Duration,
+    pause: Option<(usize, Duration)>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut i = 0;
+        while start.elapsed() < time {
+            for _ in 0..64 {
+                if tx.send(&set[i]).is_ok() {
+                    sent += 1;
+                }
+                i = (i + 1) % set.len();
+            }
+            if let Some((every, p)) = pause
+                && sent as usize % every < 64
+            {
+                std::thread::sleep(p);
+            }
+        }
+        sent
+    })
+}
+
+/// (a) One blocking socket receiving sealed datagrams from one blocking sender.
+fn udp_ceiling(args: &Args) -> anyhow::Result<(f64, f64)> {
+    let (rx, tx) = udp_pair(8 << 20)?;
+    let (set, _) = sealed_set(args.devices, args.batch, false);
+    let time = args.ceiling_time;
+    let sender = blast(tx, set, time, None);
+    let mut buf = vec![0u8; 2048];
+    let mut received = 0u64;
+    let start = Instant::now();
+    loop {
+        match rx.recv(&mut buf) {
+            Ok(_) => received += 1,
+            Err(_) if start.elapsed() >= time => break,
+            Err(_) => {}
+        }
+    }
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let secs = time.as_secs_f64();
+    Ok((received as f64 / secs, sent as f64 / secs))
+}
+
+/// A fresh database with the gateway's schema (its migrations).
+fn schema_db(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let db = dir.join(name);
+    gateway(&["devices", "add", "--db", &db.display().to_string()])
+        .context("creating the schema")?;
+    Ok(db)
+}
+
+/// (b) Block rows of the gateway's schema through one prepared statement.
+fn sqlite_ceiling(args: &Args, dir: &Path) -> anyhow::Result<f64> {
+    let db = schema_db(dir, "ceiling.db")?;
+    let conn = rusqlite::Connection::open(&db)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "cache_size", -16_384)?;
+    // One datagram's blob per device, as the writer encodes it.
+    let mut buf = Vec::new();
+    let mut rows = Vec::new();
+    for d in 0..args.devices {
+        let rs = readings(args.batch, 1_764_000_000_000, 1000, u64::from(d));
+        block::encode(d, 0, &rs, &mut buf, &mut rows);
+    }
+    const PER_TXN: u64 = 16_384;
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < args.ceiling_time {
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut stmt = tx.prepare(
+                "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )?;
+            for _ in 0..PER_TXN {
+                let b = &rows[(n % rows.len() as u64) as usize];
+                let round = (n / rows.len() as u64) as i64;
+                stmt.execute(rusqlite::params![
+                    b.device,
+                    b.ts_min + round * 1000,
+                    round,
+                    b.idx,
+                    b.ts_max + round * 1000,
+                    b.count,
+                    &buf[b.data.clone()]
+                ])?;
+                n += 1;
+            }
+        }
+        tx.commit()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(n as f64 * args.batch as f64 / secs)
+}
+
+/// (c) The tutorial design: blocking socket, decode, insert each reading, commit per datagram.
+fn tutorial(args: &Args, dir: &Path) -> anyhow::Result<f64> {
+    let db = dir.join("tutorial.db");
+    let conn = rusqlite::Connection::open(&db)?;
+    conn.execute(
+        "CREATE TABLE readings (device INTEGER, sensor INTEGER, ts INTEGER, value REAL)",
+        [],
+    )?;
+    let (rx, tx) = udp_pair(212_992)?;
+    let (set, ciphers) = sealed_set(args.devices, args.batch, false);
+    let time = args.ceiling_time;
+    // Paced at about 20k datagrams/s: far above what it can commit, without stealing a core.
+    let sender = blast(tx, set, time, Some((1024, Duration::from_millis(50))));
+    let mut buf = vec![0u8; 2048];
+    let mut committed = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < time {
+        let Ok(n) = rx.recv(&mut buf) else { continue };
+        let Ok(h) = Header::peek(&buf[..n]) else {
+            continue;
+        };
+        let Some(cipher) = ciphers.get(&h.device) else {
+            continue;
+        };
+        let Ok((_, batch)) = Batch::open(&mut buf[..n], cipher) else {
+            continue;
+        };
+        let txn = conn.unchecked_transaction()?;
+        for r in &batch.readings {
+            txn.execute(
+                "INSERT INTO readings (device, sensor, ts, value) VALUES (?, ?, ?, ?)",
+                rusqlite::params![h.device.0, r.sensor.0, r.ts.0 as i64, r.value],
+            )?;
+        }
+        txn.commit()?;
+        committed += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let _ = sender.join();
+    Ok(committed as f64 / secs)
+}
+
+fn ceilings(args: &Args) -> anyhow::Result<Ceilings> {
+    let dir = tempfile::tempdir()?;
+    let (rx, sent) = udp_ceiling(args)?;
+    eprintln!("ceiling (a) UDP: received {rx:.0} datagrams/s (sender reached {sent:.0})");
+    let sqlite = sqlite_ceiling(args, dir.path())?;
+    eprintln!("ceiling (b) SQLite: {sqlite:.0} readings/s");
+    let tut = tutorial(args, dir.path())?;
+    eprintln!("ceiling (c) tutorial: {tut:.0} datagrams/s");
+    let b = args.batch as f64;
+    Ok(Ceilings {
+        udp_received_datagrams_s: rx,
+        udp_sent_datagrams_s: sent,
+        udp_readings_s: rx * b,
+        sqlite_readings_s: sqlite,
+        sqlite_rows_s: sqlite / b,
+        tutorial_datagrams_s: tut,
+        tutorial_readings_s: tut * b,
+    })
+}
+
+/// utime + stime of a process, seconds (the usual 100 ticks per second).
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = s.rsplit(')').next().context("stat")?;
@@ -69,7 +358,16 @@ fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
-fn run_one(args: &Args, rate: u64) -> anyhow::Result<Row> {
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("VmHWM")?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
     let fleet = provision(dir.path(), &db, args.devices)?;
@@ -86,90 +384,399 @@ fn run_one(args: &Args, rate: u64) -> anyhow::Result<Row> {
     cmd.args(["--rate", &per_device.to_string()])
         .args(["--batch", &args.batch.to_string()])
         .args(["--duration", &format!("{}ms", args.duration.as_millis())])
-        .args(["--ack", "--report"])
+        .args(["--report"])
         .arg(&report)
         .stdout(std::process::Stdio::null());
-    let cpu0 = cpu_seconds(gw.child.id())?;
-    let t0 = std::time::SystemTime::now();
+    if acks {
+        cmd.arg("--ack");
+    }
+    let pid = gw.child.id();
+    let cpu0 = cpu_seconds(pid)?;
+    let t0 = Instant::now();
     run_sim(cmd)?;
-    let elapsed = t0.elapsed()?.as_secs_f64();
-    let cpu = cpu_seconds(gw.child.id())? - cpu0;
-    let rss = proc_status_kib(gw.child.id(), "VmHWM:")?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid)? - cpu0;
+    let rss = peak_rss_kib(pid)?;
     gw.stop()?;
     let r = read_report(&report)?;
     let s = stats(&db)?;
-    let drops = s["counters"]
+    let drops: BTreeMap<String, u64> = s["counters"]
         .as_object()
         .context("counters")?
         .iter()
-        .filter(|(k, _)| k.starts_with("drop_"))
-        .map(|(_, v)| v.as_u64().unwrap_or(0))
-        .sum();
-    Ok(Row {
-        rate,
+        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches("drop_").to_owned(),
+                v.as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let committed = counter(&s, "readings_committed");
+    let secs = args.duration.as_secs_f64();
+    let ms = |us: u64| us as f64 / 1000.0;
+    let lat = r.ack_latency.clone();
+    let sustained = committed == r.readings_sent
+        && drops.is_empty()
+        && (!acks
+            || (r.readings_acked == r.readings_sent && r.unacked == 0 && r.retransmissions == 0));
+    Ok(Step {
+        acks,
+        offered: rate,
         sent: r.readings_sent,
-        committed: counter(&s, "readings_committed"),
+        committed,
         acked: r.readings_acked,
+        retransmits: r.retransmissions,
         unacked: r.unacked,
-        retx: r.retransmissions,
+        committed_readings_s: committed as f64 / secs,
+        committed_datagrams_s: committed as f64 / secs / args.batch as f64,
+        commit_p50_ms: ms(counter(&s, "commit_latency_p50_us")),
+        commit_p99_ms: ms(counter(&s, "commit_latency_p99_us")),
+        commit_p999_ms: ms(counter(&s, "commit_latency_p999_us")),
+        ack_p50_ms: lat.as_ref().map(|l| ms(l.p50_us)),
+        ack_p99_ms: lat.as_ref().map(|l| ms(l.p99_us)),
+        ack_p999_ms: lat.as_ref().map(|l| ms(l.p999_us)),
+        gateway_cpu_cores: cpu / wall,
+        gateway_peak_rss_mib: rss as f64 / 1024.0,
         drops,
-        elapsed: r.elapsed_s,
-        p50_ms: counter(&s, "commit_latency_p50_us") as f64 / 1000.0,
-        p99_ms: counter(&s, "commit_latency_p99_us") as f64 / 1000.0,
-        rss_mib: rss as f64 / 1024.0,
-        cpu_cores: cpu / elapsed,
+        sustained,
     })
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn print_header() {
+    println!(
+        "| acks | offered readings/s | committed readings/s | datagrams/s | sent | committed | acked | retransmits | commit p50 / p99 / p99.9 ms | ack p50 / p99 / p99.9 ms | gateway CPU cores | peak RSS MiB | drops | sustained |"
+    );
+    println!("|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|:---:|");
+}
+
+fn print_step(s: &Step) {
+    let drops = if s.drops.is_empty() {
+        "0".to_owned()
+    } else {
+        s.drops
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "| {} | {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {} / {} / {} | {:.2} | {:.1} | {} | {} |",
+        if s.acks { "on" } else { "off" },
+        s.offered,
+        s.committed_readings_s,
+        s.committed_datagrams_s,
+        s.sent,
+        s.committed,
+        if s.acks {
+            s.acked.to_string()
+        } else {
+            "-".into()
+        },
+        s.retransmits,
+        s.commit_p50_ms,
+        s.commit_p99_ms,
+        s.commit_p999_ms,
+        opt(s.ack_p50_ms),
+        opt(s.ack_p99_ms),
+        opt(s.ack_p999_ms),
+        s.gateway_cpu_cores,
+        s.gateway_peak_rss_mib,
+        drops,
+        if s.sustained { "yes" } else { "no" }
+    );
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({model}), Linux {}", kernel.trim())
+}
+
+/// Builds a database of `total` readings in arrival order (all devices in turn, a datagram of
+/// 16 readings, one a second, per device every 16 s), then times one-hour queries of single
+/// devices through the gateway's query path, and once through `gateway query readings`.
+fn query_bench(args: &Args, total: u64) -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args
+        .query_dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().to_owned());
+    std::fs::create_dir_all(&dir)?;
+    let db = dir.join("query.db");
+    let _ = std::fs::remove_file(&db);
+    let db = schema_db(&dir, "query.db")?;
+    let devices = u64::from(args.devices);
+    let per_datagram = 16u64;
+    let start_ms: i64 = 1_764_000_000_000;
+    let t0 = Instant::now();
+    {
+        let conn = rusqlite::Connection::open(&db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "cache_size", -65_536)?;
+        let rounds = total / per_datagram / devices;
+        let mut buf = Vec::new();
+        let mut rows = Vec::new();
+        let mut done = 0u64;
+        let mut round = 0u64;
+        while round < rounds {
+            let tx = conn.unchecked_transaction()?;
+            {
+                let mut stmt = tx.prepare(
+                    "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )?;
+                for _ in 0..64 {
+                    if round >= rounds {
+                        break;
+                    }
+                    let now = start_ms as u64 + round * per_datagram * 1000;
+                    for d in 0..args.devices {
+                        buf.clear();
+                        rows.clear();
+                        let rs = readings(16, now + 15_000, 16_000, round ^ u64::from(d));
+                        block::encode(d, round, &rs, &mut buf, &mut rows);
+                        for b in &rows {
+                            stmt.execute(rusqlite::params![
+                                b.device,
+                                b.ts_min,
+                                b.seq,
+                                b.idx,
+                                b.ts_max,
+                                b.count,
+                                &buf[b.data.clone()]
+                            ])?;
+                        }
+                    }
+                    round += 1;
+                    done += devices * per_datagram;
+                }
+            }
+            tx.commit()?;
+            if round.is_multiple_of(1024) {
+                eprintln!(
+                    "  {done} readings written ({:.0} s)",
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
+        conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+        println!(
+            "query database: {done} readings, {} devices, {:.1} h per device, {:.0} MiB, built in {:.0} s",
+            devices,
+            (rounds * per_datagram) as f64 / 3600.0,
+            std::fs::metadata(&db)?.len() as f64 / (1 << 20) as f64,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let hours = (total / devices) as i64 / 3600;
+    anyhow::ensure!(hours >= 2, "too few readings for hour-long queries");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut times = Vec::new();
+    let mut rows_per_query = Vec::new();
+    rt.block_on(async {
+        use futures_util::TryStreamExt;
+        let store =
+            gateway::store::Store::open(&gateway::store::OpenOptions::cli(&db, false)).await?;
+        for i in 0..50u64 {
+            let device = (i * 7919) % devices;
+            let hour = ((i * 104_729) % (hours as u64 - 1)) as i64;
+            let from = start_ms + hour * 3_600_000 + 1_234;
+            let filter = gateway::store::query::ReadingsFilter {
+                device: Some(device as u32),
+                from_ms: Some(from),
+                to_ms: Some(from + 3_600_000),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let rows: Vec<gateway::store::query::ReadingRow> =
+                store.readings(&filter).try_collect().await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            rows_per_query.push(rows.len());
+        }
+        store.close().await;
+        anyhow::Ok(())
+    })?;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "one device, one hour ({} readings each): 50 queries through the store, median {:.2} ms, p90 {:.2} ms, max {:.2} ms (first {:.2} ms)",
+        rows_per_query[0],
+        pct(0.5),
+        pct(0.9),
+        pct(1.0),
+        times[0]
+    );
+    let from = start_ms + 3_600_000 * (hours / 2);
+    let t = Instant::now();
+    let out = gateway(&[
+        "query",
+        "readings",
+        "--db",
+        &db.display().to_string(),
+        "--device",
+        "17",
+        "--from",
+        &rfc3339(from),
+        "--to",
+        &rfc3339(from + 3_600_000),
+        "--format",
+        "csv",
+    ])?;
+    println!(
+        "the same through `gateway query readings --format csv` (a new process): {} lines in {:.1} ms",
+        out.lines().count(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
+fn rfc3339(ms: i64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
+        .to_string()
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(total) = args.query {
+        return query_bench(&args, total);
+    }
     println!(
-        "ingest-bench: {} devices, {} readings/datagram, {:?} per rate, acks on, durability {}",
-        args.devices, args.batch, args.duration, args.durability
+        "ingest-bench: {}; {} devices, {} readings/datagram, {:?} per step, durability {}",
+        machine(),
+        args.devices,
+        args.batch,
+        args.duration,
+        args.durability
     );
-    println!(
-        "| offered readings/s | committed readings/s | datagrams/s | sent | committed | acked | unacked | retransmits | drops | p50 ms | p99 ms | gateway RSS MiB | gateway CPU cores | sustained |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|");
-    let mut best = None;
-    for &rate in &args.rates {
-        let r = run_one(&args, rate)?;
-        // Sustained: everything committed and acked on the first transmission, nothing dropped.
-        let zero_loss = r.committed == r.sent
-            && r.acked == r.sent
-            && r.unacked == 0
-            && r.retx == 0
-            && r.drops == 0;
-        let secs = args.duration.as_secs_f64();
+    let ceilings = if args.no_ceilings && args.guard.is_none() {
+        None
+    } else {
+        Some(ceilings(&args)?)
+    };
+    if let Some(c) = &ceilings {
+        println!();
+        println!("| ceiling (same run) | datagrams/s | readings/s |");
+        println!("|---|---:|---:|");
         println!(
-            "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {} |",
-            r.rate,
-            r.committed as f64 / secs,
-            r.committed as f64 / secs / args.batch as f64,
-            r.sent,
-            r.committed,
-            r.acked,
-            r.unacked,
-            r.retx,
-            r.drops,
-            r.p50_ms,
-            r.p99_ms,
-            r.rss_mib,
-            r.cpu_cores,
-            if zero_loss { "yes" } else { "no" }
+            "| (a) UDP receive, one blocking socket (its sender reached {:.0}/s) | {:.0} | {:.0} |",
+            c.udp_sent_datagrams_s, c.udp_received_datagrams_s, c.udp_readings_s
         );
-        let _ = r.elapsed;
-        if zero_loss {
-            best = Some(r.rate);
+        println!(
+            "| (b) SQLite insert, prepared statement, same schema and block rows | {:.0} | {:.0} |",
+            c.sqlite_rows_s, c.sqlite_readings_s
+        );
+        println!(
+            "| (c) tutorial: blocking socket, insert and commit per datagram | {:.0} | {:.0} |",
+            c.tutorial_datagrams_s, c.tutorial_readings_s
+        );
+    }
+    if let Some(floor) = args.guard {
+        let c = ceilings.as_ref().context("ceilings")?;
+        let rate = ((c.sqlite_readings_s * floor) as u64).max(1000);
+        println!();
+        println!(
+            "guard: offering {rate} readings/s = {floor} x the SQLite ceiling, acks on, {:?}",
+            args.duration
+        );
+        print_header();
+        let s = step(&args, rate, true)?;
+        print_step(&s);
+        // The simulator must also have offered it (within its start-up phase).
+        let reached = s.committed_readings_s >= 0.9 * rate as f64;
+        if s.sustained && reached {
+            println!(
+                "guard passed: {:.0} readings/s committed and acked, {:.3} of the SQLite ceiling",
+                s.committed_readings_s,
+                s.committed_readings_s / c.sqlite_readings_s
+            );
+            return Ok(());
+        }
+        anyhow::bail!(
+            "guard failed: {:.0} readings/s committed of {rate} offered (sustained: {})",
+            s.committed_readings_s,
+            s.sustained
+        );
+    }
+    let mut steps = Vec::new();
+    let ramps: &[bool] = match args.acks {
+        Acks::Off => &[false],
+        Acks::On => &[true],
+        Acks::Both => &[false, true],
+    };
+    println!();
+    print_header();
+    for &acks in ramps {
+        for &rate in &args.rates {
+            let s = step(&args, rate, acks)?;
+            print_step(&s);
+            steps.push(s);
         }
     }
-    match best {
-        Some(b) => {
-            println!(
-                "highest sustained rate (all committed and acked, no retransmission): {b} readings/s"
-            )
+    let best = |acks: bool| {
+        steps
+            .iter()
+            .filter(|s| s.acks == acks && s.sustained)
+            .map(|s| s.offered)
+            .max()
+    };
+    let results = Results {
+        machine: machine(),
+        devices: args.devices,
+        batch: args.batch,
+        step_seconds: args.duration.as_secs_f64(),
+        ceilings: ceilings.clone(),
+        best_sustained_acks_off: best(false),
+        best_sustained_acks_on: best(true),
+        steps,
+    };
+    println!();
+    for (name, b) in [
+        ("acks off", results.best_sustained_acks_off),
+        ("acks on", results.best_sustained_acks_on),
+    ] {
+        let Some(b) = b else {
+            if ramps.contains(&(name == "acks on")) {
+                println!("{name}: no offered rate was sustained");
+            }
+            continue;
+        };
+        let committed = results
+            .steps
+            .iter()
+            .find(|s| s.offered == b && s.acks == (name == "acks on"))
+            .map_or(0.0, |s| s.committed_readings_s);
+        print!("{name}: highest sustained {b} readings/s (committed {committed:.0}/s)");
+        if let Some(c) = &ceilings {
+            print!(
+                "; {:.2} x UDP receive, {:.2} x SQLite insert, {:.0} x tutorial",
+                committed / c.udp_readings_s,
+                committed / c.sqlite_readings_s,
+                committed / c.tutorial_readings_s
+            );
         }
-        None => println!("no rate tried was sustained"),
+        println!();
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+        println!("JSON written to {}", path.display());
     }
     Ok(())
 }
