@@ -159,6 +159,12 @@ impl Gateway {
         let tracker = TaskTracker::new();
         let wal_reset_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         store.outbox_init(cfg.mqtt.enabled).await?;
+        // Blocks a previous run left in staging join the clustered table before anything
+        // reads per device (the aggregator's restore below).
+        let merged = store.merge_staging().await?;
+        if merged > 0 {
+            tracing::info!(blocks = merged, "merged staged blocks");
+        }
         let aggregator = if cfg.aggregate.enabled {
             let mut agg = Aggregator::new(aggregate::aggregator_config(&cfg.aggregate));
             let ids: Vec<u32> = devices.iter().map(|d| d.id.0).collect();

@@ -194,9 +194,12 @@ impl Store {
     async fn device_watermark(&self, device: i64) -> Result<Option<i64>, StoreError> {
         // The newest blocks by ts_min hold the latest timestamp: no block spans more than
         // BLOCK_SPAN_MS, so only those within that span of the newest need to be looked at.
+        // Blocks not yet merged are in staging (small; scanned).
         let (wm,): (Option<i64>,) = sqlx::query_as(
-            "SELECT max(ts_max) FROM blocks WHERE device = ?1 AND ts_min >= \
-             (SELECT max(ts_min) FROM blocks WHERE device = ?1) - ?2",
+            "SELECT max(m) FROM ( \
+               SELECT max(ts_max) AS m FROM blocks WHERE device = ?1 AND ts_min >= \
+                 (SELECT max(ts_min) FROM blocks WHERE device = ?1) - ?2 \
+               UNION ALL SELECT max(ts_max) FROM staging WHERE device = ?1)",
         )
         .bind(device)
         .bind(super::block::BLOCK_SPAN_MS)

@@ -10,10 +10,110 @@
 //! (device, seq, idx) where idx is the block's first index plus the position in the blob.
 
 use proto::Reading;
+use sqlx::SqliteConnection;
+
+use crate::store::{Store, StoreError};
 
 /// Widest span of device timestamps in one block. A query for `[from, to)` reads the blocks
 /// whose earliest timestamp is in `[from - BLOCK_SPAN_MS, to)`.
 pub const BLOCK_SPAN_MS: i64 = 300_000;
+
+/// Copies staged blocks with rowid at most `hi` and device in `[from, to)` into `blocks` and
+/// records that devices below `to` are copied (which hides those staged rows from queries),
+/// in one transaction. The rows are deleted later by [`delete_step`]. Returns rows copied.
+///
+/// # Errors
+/// Driver errors; nothing changes then.
+pub async fn copy_step(
+    conn: &mut SqliteConnection,
+    hi: i64,
+    from: i64,
+    to: i64,
+) -> Result<u64, sqlx::Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    // Key order keeps the inserts local to each device's pages; a row already in `blocks`
+    // (a step repeated after an error) is skipped, never doubled.
+    let copied = sqlx::query(
+        "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+         SELECT device, ts_min, seq, idx, ts_max, count, data FROM staging \
+         WHERE rowid <= ?1 AND device >= ?2 AND device < ?3 \
+         ORDER BY device, ts_min, seq, idx ON CONFLICT DO NOTHING",
+    )
+    .bind(hi)
+    .bind(from)
+    .bind(to)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("UPDATE staging_merge SET hi = ?, upto = ? WHERE id = 0")
+        .bind(hi)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(copied)
+}
+
+/// Deletes up to `limit` of the oldest staged rows with rowid at most `hi` (all copied);
+/// when none are left, ends the merge (nothing hidden any more). Returns (rows deleted,
+/// finished).
+///
+/// # Errors
+/// Driver errors; nothing changes then.
+pub async fn delete_step(
+    conn: &mut SqliteConnection,
+    hi: i64,
+    limit: i64,
+) -> Result<(u64, bool), sqlx::Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    // Contiguous rowids: each step empties whole pages at the left of the table.
+    let deleted = sqlx::query(
+        "DELETE FROM staging WHERE rowid IN \
+         (SELECT rowid FROM staging WHERE rowid <= ? ORDER BY rowid LIMIT ?)",
+    )
+    .bind(hi)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    let finished = (deleted as i64) < limit;
+    if finished {
+        sqlx::query("UPDATE staging_merge SET upto = ? WHERE id = 0")
+            .bind(i64::MIN)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok((deleted, finished))
+}
+
+/// Rows waiting in staging (copied or not) and the highest rowid (0 when empty).
+///
+/// # Errors
+/// Driver errors.
+pub async fn staged(conn: &mut SqliteConnection) -> Result<(u64, i64), sqlx::Error> {
+    let (n, hi): (i64, Option<i64>) = sqlx::query_as("SELECT count(*), max(rowid) FROM staging")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok((n.max(0) as u64, hi.unwrap_or(0)))
+}
+
+impl Store {
+    /// Moves everything staged into `blocks` (at start, before the aggregator is restored).
+    /// Returns the rows copied (rows a previous run had already copied are not counted).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn merge_staging(&self) -> Result<u64, StoreError> {
+        let mut conn = self.pool().acquire().await?;
+        let (_, hi) = staged(&mut conn).await?;
+        let copied = copy_step(&mut conn, hi, i64::MIN, i64::MAX).await?;
+        while !delete_step(&mut conn, hi, 65_536).await?.1 {}
+        Ok(copied)
+    }
+}
 
 /// Format byte of the blobs this version writes.
 const FORMAT: u8 = 1;

@@ -130,7 +130,32 @@ pub struct Writer {
     outbox: Option<OutboxLimits>,
     /// When the last "outbox full" warning was logged.
     last_full_log: Option<Instant>,
+    /// Rows in staging (counted at start, then per commit and merge step).
+    staged: u64,
+    /// The merge of staging into `blocks` in progress.
+    merge: Option<MergeCycle>,
+    /// When the last merge cycle ended.
+    last_merge: Instant,
 }
+
+/// One pass over staging: every row up to `hi`, a range of devices per step.
+struct MergeCycle {
+    hi: i64,
+    /// Device bounds: step i moves devices in `[bounds[i], bounds[i + 1])`.
+    bounds: Vec<i64>,
+    next: usize,
+}
+
+/// Staged rows that start a merge cycle.
+const MERGE_ROWS: u64 = 16_384;
+/// A merge cycle also starts when this much time passed since the last one ended.
+const MERGE_EVERY: Duration = Duration::from_secs(1);
+/// Devices per merge step: each step rewrites about one page per device.
+const MERGE_DEVICES: usize = 128;
+/// Staged rows deleted per delete step.
+const MERGE_DELETE_ROWS: i64 = 4096;
+/// Past this many staged rows, a whole cycle runs at once (the writer fell behind).
+const MERGE_ALL_ROWS: u64 = 1 << 20;
 
 /// Per-device changes of one transaction.
 #[derive(Default)]
@@ -222,8 +247,8 @@ fn insert_sql(rows: usize) -> SqlStr {
             .map(|p| {
                 let values = vec!["(?,?,?,?,?,?,?)"; 1 << p].join(",");
                 sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
-                     VALUES {values} ON CONFLICT DO NOTHING"
+                    "INSERT INTO staging (device, ts_min, seq, idx, ts_max, count, data) \
+                     VALUES {values}"
                 ))
                 .into_sql_str()
             })
@@ -262,6 +287,9 @@ impl Writer {
             store,
             outbox,
             last_full_log: None,
+            staged: 0,
+            merge: None,
+            last_merge: Instant::now(),
         }
     }
 
@@ -279,6 +307,8 @@ impl Writer {
                 },
                 _ = tick.tick() => {
                     self.commit(Vec::new(), true, true).await;
+                    // Idle: carry the merge on while nothing is queued.
+                    self.merge_some(true).await;
                     continue;
                 }
             };
@@ -310,6 +340,7 @@ impl Writer {
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
             // Under a load that never lets the tick win, the idle sweep rides on the flush.
             self.commit(batch, flush, flush).await;
+            self.merge_some(false).await;
         }
         self.commit(Vec::new(), true, false).await;
         tracing::info!(
@@ -369,6 +400,7 @@ impl Writer {
         self.counters
             .readings_committed
             .fetch_add(plan.readings, Relaxed);
+        self.staged += plan.blocks.len() as u64;
         let now = Instant::now();
         for r in &plan.received {
             let us = now.duration_since(*r).as_micros() as u64;
@@ -664,6 +696,78 @@ impl Writer {
                     total = c.outbox_dropped.load(Relaxed),
                     "outbox full: dropped the oldest aggregates (raw readings are kept)"
                 );
+            }
+        }
+    }
+
+    /// Moves staged blocks into `blocks`, a step at a time: first copy steps, a range of
+    /// devices each (each rewrites about one page per device), then delete steps, a run of
+    /// the oldest rowids each (each empties whole pages). With `all` (on the idle tick) it
+    /// goes on while nothing is queued; when staging has grown large it runs the whole cycle.
+    /// A cycle starts when enough rows are staged or a second has passed. Errors are logged and the step is retried later; nothing is lost, since
+    /// rows stay in staging until copied and queries read both tables.
+    async fn merge_some(&mut self, all: bool) {
+        if self.merge.is_none() {
+            if self.staged == 0
+                || (self.staged < MERGE_ROWS && self.last_merge.elapsed() < MERGE_EVERY && !all)
+            {
+                return;
+            }
+            let hi = match block::staged(&mut self.conn).await {
+                Ok((n, hi)) => {
+                    self.staged = n;
+                    hi
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "staging merge failed");
+                    return;
+                }
+            };
+            let mut ids: Vec<i64> = self.windows.keys().map(|d| i64::from(d.0)).collect();
+            ids.sort_unstable();
+            let mut bounds = vec![i64::MIN];
+            bounds.extend(ids.iter().skip(MERGE_DEVICES).step_by(MERGE_DEVICES));
+            bounds.push(i64::MAX);
+            self.merge = Some(MergeCycle {
+                hi,
+                bounds,
+                next: 0,
+            });
+        }
+        let far_behind = self.staged >= MERGE_ALL_ROWS;
+        while let Some(c) = &mut self.merge {
+            let copying = c.next + 1 < c.bounds.len();
+            let step = if copying {
+                let (from, to) = (c.bounds[c.next], c.bounds[c.next + 1]);
+                block::copy_step(&mut self.conn, c.hi, from, to)
+                    .await
+                    .map(|_| false)
+            } else {
+                block::delete_step(&mut self.conn, c.hi, MERGE_DELETE_ROWS)
+                    .await
+                    .map(|(deleted, finished)| {
+                        self.staged = self.staged.saturating_sub(deleted);
+                        finished
+                    })
+            };
+            match step {
+                Ok(finished) => {
+                    if copying {
+                        c.next += 1;
+                    } else if finished {
+                        self.merge = None;
+                        self.last_merge = Instant::now();
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "staging merge failed");
+                    return;
+                }
+            }
+            // Further steps only while nothing waits to be committed (a whole cycle at once
+            // stalled commits for 50-90 ms), or when staging is far behind.
+            if !(far_behind || all && self.rx.is_empty()) {
+                return;
             }
         }
     }
