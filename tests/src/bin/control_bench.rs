@@ -20,6 +20,9 @@ struct Args {
     /// File size in MiB.
     #[arg(long, default_value_t = 5)]
     file_mib: usize,
+    /// Gateway config file (e.g. to raise `control.max_sessions` past 10,000).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 fn quantile(sorted: &[i64], q: f64) -> i64 {
@@ -35,7 +38,12 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
     let fleet = provision(dir.path(), &db, args.devices)?;
-    let gw = TestGateway::start(&db, &[])?;
+    let config = args.config.as_ref().map(|c| c.display().to_string());
+    let extra: Vec<&str> = match &config {
+        Some(c) => vec!["--config", c],
+        None => vec![],
+    };
+    let gw = TestGateway::start(&db, &extra)?;
     let p = |p: &std::path::Path| p.to_str().map(str::to_owned).context("utf-8 path");
     let admin = gw.admin.to_string();
     let dbs = p(&db)?;

@@ -22,6 +22,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -77,6 +79,17 @@ struct Args {
     /// Where to build the query database (default: a temporary directory).
     #[arg(long)]
     query_dir: Option<PathBuf>,
+    /// Instead of ramps: an overload of this many readings/s (16 per datagram, acks asked)
+    /// from a blasting sender for `--overload-time`, then the simulator at `--overload-base`
+    /// with acks to check that the full rate is back at once.
+    #[arg(long)]
+    overload: Option<u64>,
+    /// Length of the overload.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    overload_time: Duration,
+    /// Rate the simulator offers after the overload (readings/s).
+    #[arg(long, default_value_t = 500_000)]
+    overload_base: u64,
     /// Regression guard: offer this fraction of the in-run SQLite ceiling with acks on and
     /// exit non-zero unless it is sustained.
     #[arg(long)]
@@ -648,6 +661,247 @@ fn query_bench(args: &Args, total: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Dropped datagrams the kernel counted for a UDP socket bound to `port` (`/proc/net/udp`).
+fn kernel_udp_drops(port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1)?.ends_with(&want)).then(|| f.last()?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// The overload run: see `--overload`.
+fn overload(args: &Args, rate: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("bench.db");
+    let n = args.devices as usize;
+    // The first half plays the simulator afterwards, the second half is the blast.
+    let fleet = provision(dir.path(), &db, 2 * args.devices)?;
+    let file = device_sim::fleet::FleetFile::load(&fleet)?;
+    let mut blast: Vec<(u32, Cipher, u64)> = Vec::new();
+    let mut ciphers: HashMap<u32, Cipher> = HashMap::new();
+    for d in &file.devices[n..] {
+        let c = d.device_key()?.cipher();
+        blast.push((d.id, c.clone(), d.next_seq));
+        ciphers.insert(d.id, c);
+    }
+    let mut extra = vec!["--durability".to_owned(), args.durability.clone()];
+    if let Some(cfg) = &args.config {
+        extra.push("--config".into());
+        extra.push(cfg.display().to_string());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut gw = TestGateway::start(&db, &extra)?;
+    let pid = gw.child.id();
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.connect(gw.udp)?;
+    let rx = sock.try_clone()?;
+    rx.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let base_ms = 1_764_000_000_000u64;
+    // Acks the blast receives: (device, seq).
+    let acks = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut got: Vec<(u32, u64)> = Vec::new();
+            let mut buf = [0u8; 64];
+            let mut quiet_since: Option<Instant> = None;
+            loop {
+                match rx.recv(&mut buf) {
+                    Ok(len) => {
+                        quiet_since = None;
+                        let Some(id) = buf.get(2..6).and_then(|b| b.try_into().ok()) else {
+                            continue;
+                        };
+                        let id = u32::from_le_bytes(id);
+                        if let Some(c) = ciphers.get(&id)
+                            && let Ok(a) = proto::Ack::open(&buf[..len], c)
+                        {
+                            got.push((a.device.0, a.seq.0));
+                        }
+                    }
+                    Err(_) if stop.load(Relaxed) => {
+                        // Two quiet seconds after the blast: every ack has arrived.
+                        let t = *quiet_since.get_or_insert_with(Instant::now);
+                        if t.elapsed() > Duration::from_secs(2) {
+                            return got;
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let per_s = rate / args.batch as u64;
+    let batch = args.batch;
+    let time = args.overload_time;
+    let blaster = std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut i = 0usize;
+        while start.elapsed() < time {
+            let due = (start.elapsed().as_secs_f64() * per_s as f64) as u64;
+            if sent >= due {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            for _ in 0..(due - sent).min(256) {
+                let len = blast.len();
+                let (id, cipher, seq) = &mut blast[i];
+                i = (i + 1) % len;
+                let ts = base_ms + *seq * 16;
+                let b = Batch {
+                    readings: (0..batch)
+                        .map(|k| Reading {
+                            sensor: SensorId(1 + (k % 4) as u16),
+                            ts: Millis(ts + k as u64),
+                            value: k as f64,
+                        })
+                        .collect(),
+                };
+                let h = Header {
+                    flags: Flags(Flags::ACK_REQUESTED),
+                    device: DeviceId(*id),
+                    seq: Seq(*seq),
+                };
+                *seq += 1;
+                if let Ok(d) = b.seal(&h, cipher) {
+                    let _ = sock.send(&d.0);
+                }
+                sent += 1;
+            }
+        }
+        sent
+    });
+    println!(
+        "overload: {rate} readings/s ({per_s} datagrams/s, acks asked) for {:?} from one sender, then device-sim at {} readings/s with acks for 10 s",
+        args.overload_time, args.overload_base
+    );
+    let t0 = Instant::now();
+    let mut peak_rss = 0u64;
+    let mut rss_at = Vec::new();
+    while !blaster.is_finished() {
+        if gw.child.try_wait()?.is_some() {
+            anyhow::bail!("the gateway exited during the overload");
+        }
+        let rss = rss_kib(pid)?;
+        peak_rss = peak_rss.max(rss);
+        if rss_at.len() < (t0.elapsed().as_secs() / 10) as usize + 1 {
+            rss_at.push(rss);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let sent = blaster
+        .join()
+        .map_err(|_| anyhow::anyhow!("blaster panicked"))?;
+    stop.store(true, Relaxed);
+    let blast_s = t0.elapsed().as_secs_f64();
+    // The full rate again, at once.
+    let report = dir.path().join("report.json");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--devices", &n.to_string()])
+        .args([
+            "--rate",
+            &(args.overload_base as f64 / n as f64).to_string(),
+        ])
+        .args(["--batch", &args.batch.to_string()])
+        .args(["--duration", "10s", "--ack", "--report"])
+        .arg(&report)
+        .stdout(std::process::Stdio::null());
+    run_sim(cmd)?;
+    let r = read_report(&report)?;
+    let acked = acks
+        .join()
+        .map_err(|_| anyhow::anyhow!("ack receiver panicked"))?;
+    let kernel_drops = kernel_udp_drops(gw.udp.port());
+    peak_rss = peak_rss.max(peak_rss_kib(pid)?);
+    gw.stop()?;
+    let s = stats(&db)?;
+    let drops: BTreeMap<String, u64> = s["counters"]
+        .as_object()
+        .context("counters")?
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches("drop_").to_owned(),
+                v.as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    // Every acknowledged blast datagram must be stored: check each one's readings.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let missing = rt.block_on(async {
+        use futures_util::TryStreamExt;
+        let store =
+            gateway::store::Store::open(&gateway::store::OpenOptions::cli(&db, false)).await?;
+        let mut by_device: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        for &(d, seq) in &acked {
+            by_device.entry(d).or_default().push(seq);
+        }
+        let mut missing = 0u64;
+        for (d, seqs) in by_device {
+            let filter = gateway::store::query::ReadingsFilter {
+                device: Some(d),
+                ..Default::default()
+            };
+            let rows: Vec<gateway::store::query::ReadingRow> =
+                store.readings(&filter).try_collect().await?;
+            let mut count: HashMap<u64, usize> = HashMap::new();
+            for r in rows {
+                *count.entry(r.seq).or_default() += 1;
+            }
+            missing += seqs.iter().filter(|s| count.get(s) != Some(&batch)).count() as u64;
+        }
+        store.close().await;
+        anyhow::Ok(missing)
+    })?;
+    println!(
+        "blast: {sent} datagrams in {blast_s:.1} s ({:.0} readings/s offered); {} acknowledged, {} of them not stored with all {batch} readings",
+        sent as f64 * args.batch as f64 / blast_s,
+        acked.len(),
+        missing
+    );
+    println!(
+        "gateway: committed {} readings in total; drops {:?}; kernel socket drops {kernel_drops}; peak RSS {:.1} MiB (RSS every 10 s: {:?} MiB)",
+        counter(&s, "readings_committed"),
+        drops,
+        peak_rss as f64 / 1024.0,
+        rss_at
+            .iter()
+            .map(|k| (*k as f64 / 1024.0 * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    let lat = r.ack_latency.clone().unwrap_or_default();
+    // Back to full rate within 5 s: everything sent afterwards acknowledged, and no datagram
+    // waited 5 s for its ack (the worst wait bounds how long the backlog took to clear).
+    let recovered = r.readings_acked == r.readings_sent && r.unacked == 0 && lat.max_us < 5_000_000;
+    println!(
+        "after: device-sim sent {} readings, {} acknowledged ({} retransmissions), ack p50 {:.2} ms p99 {:.2} ms max {:.2} ms: {}",
+        r.readings_sent,
+        r.readings_acked,
+        r.retransmissions,
+        lat.p50_us as f64 / 1e3,
+        lat.p99_us as f64 / 1e3,
+        lat.max_us as f64 / 1e3,
+        if recovered {
+            "full rate back within 5 s"
+        } else {
+            "NOT recovered within 5 s"
+        }
+    );
+    anyhow::ensure!(missing == 0, "acknowledged readings are missing");
+    anyhow::ensure!(recovered, "the full rate did not come back within 5 s");
+    Ok(())
+}
+
 fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
         .to_string()
@@ -657,6 +911,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(total) = args.query {
         return query_bench(&args, total);
+    }
+    if let Some(rate) = args.overload {
+        return overload(&args, rate);
     }
     println!(
         "ingest-bench: {}; {} devices, {} readings/datagram, {:?} per step, durability {}",
