@@ -302,9 +302,9 @@ async fn put_config(
         .cloned();
     // Online: push it now. Otherwise the session sends it when the device connects.
     let online = handle.is_some_and(|h| {
-        h.tx.try_send(Outbound::Msg(GatewayMsg::Config {
+        h.tx.try_send(Outbound::Msg(Box::new(GatewayMsg::Config {
             config: (&config).into(),
-        }))
+        })))
         .is_ok()
     });
     Json(serde_json::json!({ "device": id, "online": online })).into_response()

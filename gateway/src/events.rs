@@ -33,11 +33,14 @@ pub enum DropReason {
     Duplicate,
     /// The queue to the writer was full.
     QueueFull,
+    /// The kernel dropped it before the gateway read it: the socket's receive buffer was full.
+    /// Counted from the socket's drop counter, once per stats interval.
+    Kernel,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::TooShort,
         DropReason::TooLong,
         DropReason::BadVersion,
@@ -48,6 +51,7 @@ impl DropReason {
         DropReason::Replay,
         DropReason::Duplicate,
         DropReason::QueueFull,
+        DropReason::Kernel,
     ];
 
     /// The counter name, `drop_<reason>`.
@@ -63,6 +67,7 @@ impl DropReason {
             DropReason::Replay => "drop_replay",
             DropReason::Duplicate => "drop_duplicate",
             DropReason::QueueFull => "drop_queue_full",
+            DropReason::Kernel => "drop_kernel",
         }
     }
 
@@ -205,6 +210,12 @@ impl Counters {
     pub fn dropped(&self, reason: DropReason) {
         self.drops[reason as usize].fetch_add(1, Relaxed);
         tracing::debug!(target: "gateway::events", reason = reason.counter(), "datagram dropped");
+    }
+
+    /// Counts `n` datagrams dropped for one reason at once (drops learnt as a count).
+    pub fn dropped_many(&self, reason: DropReason, n: u64) {
+        self.drops[reason as usize].fetch_add(n, Relaxed);
+        tracing::debug!(target: "gateway::events", reason = reason.counter(), n, "datagrams dropped");
     }
 
     /// Drops so far for one reason.

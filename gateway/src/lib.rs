@@ -210,6 +210,17 @@ impl Gateway {
             "gateway started"
         );
         let forward_tx = tx.clone();
+        match ingest::kernel_drops::KernelDrops::of(&*socket, udp_addr.is_ipv6()) {
+            Some(reader) => {
+                tracker.spawn(ingest::kernel_drops::watch(
+                    reader,
+                    counters.clone(),
+                    cfg.service.stats_interval,
+                    cancel.clone(),
+                ));
+            }
+            None => tracing::info!("this system does not show socket drops: drop_kernel stays 0"),
+        }
         let listener = ingest::Listener::new(
             socket,
             tx,

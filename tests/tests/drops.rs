@@ -226,3 +226,47 @@ fn a_full_queue_drops_and_counts_without_losing_acked_readings() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// Datagrams the kernel drops unread because the socket's receive buffer is full (here: the
+/// gateway is stopped while a burst arrives) are counted as `drop_kernel`, so every datagram
+/// sent is either received or counted, and what was received is stored.
+#[test]
+fn kernel_drops_of_a_full_socket_buffer_are_counted() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 1)?;
+    let cfg = dir.path().join("gw.toml");
+    std::fs::write(&cfg, "[telemetry]\nrecv_buffer = 65536\n")?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let dev = RawDevice::new(&fleet, 0, gw.udp)?;
+    let n = 3000u64;
+    let datagrams: Vec<Vec<u8>> = (0..n).map(|seq| dev.datagram(seq, 16)).collect();
+    gw.signal("STOP")?;
+    let sent = datagrams
+        .iter()
+        .try_for_each(|d| dev.socket.send(d).map(|_| ()));
+    gw.signal("CONT")?;
+    sent?;
+    wait_until(
+        Duration::from_secs(20),
+        "every datagram received or counted as a kernel drop",
+        || {
+            let s = stats(&db)?;
+            Ok(counter(&s, "datagrams_received") + counter(&s, "drop_kernel") == n)
+        },
+    )?;
+    let s = stats(&db)?;
+    let (received, kernel) = (
+        counter(&s, "datagrams_received"),
+        counter(&s, "drop_kernel"),
+    );
+    assert!(
+        kernel > 0 && received > 0,
+        "a 64 KiB buffer holds part of a 3,000-datagram burst: received {received}, kernel drops {kernel}"
+    );
+    wait_until(Duration::from_secs(20), "received readings stored", || {
+        Ok(counter(&stats(&db)?, "readings_committed") == 16 * received)
+    })?;
+    Ok(())
+}

@@ -56,11 +56,12 @@ pub struct SessionHandle {
     pub cancel: CancellationToken,
 }
 
-/// What the rest of the gateway hands a live session.
+/// What the rest of the gateway hands a live session. Small on purpose: every session's queue
+/// allocates room for 32 of these up front.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// Send this message.
-    Msg(GatewayMsg),
+    Msg(Box<GatewayMsg>),
     /// A file transfer was queued for the device: start it if idle.
     FilesPending,
 }
@@ -77,7 +78,23 @@ pub(crate) struct Shared {
     pub counters: Arc<ControlCounters>,
     pub per_ip: Mutex<HashMap<IpAddr, usize>>,
     pub next_session: AtomicU64,
+    /// Database steps of session starts (key lookup, owed commands, configuration, files) wait
+    /// here before they build their query. When thousands of devices connect at once, the
+    /// waiting sessions then hold a few bytes each instead of a prepared query queued on the
+    /// pool, which bounds the memory of a reconnect storm (glibc keeps a burst's freed memory).
+    /// Never held while waiting for the device, so a slow device cannot hold it.
+    pub start_gate: Semaphore,
+    /// TLS handshakes past their ClientHello in flight at once: enough to keep the cores busy,
+    /// few enough that each finishes well inside the handshake timeout when thousands of
+    /// devices connect at once.
+    pub handshake_gate: Semaphore,
 }
+
+/// Handshakes in flight at once (about 1 ms of CPU each).
+const HANDSHAKE_GATE: usize = 32;
+
+/// Session-start database steps in flight at once (the read pool has a few connections).
+const START_GATE: usize = 8;
 
 /// Releases a per-address slot when a connection ends.
 struct IpSlot<'a> {
@@ -128,6 +145,8 @@ impl ControlServer {
                 counters,
                 per_ip: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                start_gate: Semaphore::new(START_GATE),
+                handshake_gate: Semaphore::new(HANDSHAKE_GATE),
             }),
             limit,
         }
@@ -177,12 +196,23 @@ impl ControlServer {
     }
 }
 
+/// Connections the kernel queues for accept. When thousands of devices reconnect at once (the
+/// gateway restarted), a short queue overflows and the kernel drops their SYNs, which the
+/// devices only retry after 1, 3, 7, 15 s...; the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Binds the control listener.
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Whether `command` fits one control frame; a command that does not could never be
@@ -227,10 +257,10 @@ pub async fn queue_command(
         // Online: hand it to the session now. Offline or a full session queue: it stays queued
         // and the device gets it when it (re)connects.
         let online = handle.is_some_and(|h| {
-            h.tx.try_send(Outbound::Msg(GatewayMsg::Command {
+            h.tx.try_send(Outbound::Msg(Box::new(GatewayMsg::Command {
                 id,
                 command: command.clone(),
-            }))
+            })))
             .is_ok()
         });
         out.push((device, id, online));

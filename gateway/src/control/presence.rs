@@ -1,7 +1,8 @@
-//! Presence: which devices hold a control session. Sessions report transitions and heartbeats
-//! here over a bounded channel; one task writes them in small batched transactions (the devices
-//! table's `online` and `control_seen_ms`, and the `device_events` history), so thousands of
-//! sessions starting at once cost a few transactions, not thousands.
+//! Presence: which devices hold a control session. Sessions report transitions, heartbeats and
+//! the configuration each device reports here over a bounded channel; one task writes them in
+//! small batched transactions (the devices table's `online` and `control_seen_ms`, the
+//! `device_events` history and `device_config.reported`), so thousands of sessions starting at
+//! once cost a few transactions, not thousands.
 //!
 //! The task ends when every sender is gone (the server and all sessions), after writing what is
 //! left. Emits: `warn` when a batch cannot be written (it is retried).
@@ -26,6 +27,8 @@ pub enum Presence {
     Seen(DeviceId),
     /// The session ended, and why.
     Offline(DeviceId, &'static str),
+    /// The device reported the configuration it applied (JSON of `ConfigJson`).
+    Reported(DeviceId, String),
 }
 
 /// Most events written per transaction.
@@ -82,7 +85,7 @@ async fn write(
             let event = match p {
                 Presence::Online(id) => Some((id, "online", None)),
                 Presence::Offline(id, why) => Some((id, "offline", Some(*why))),
-                Presence::Seen(_) => None,
+                Presence::Seen(_) | Presence::Reported(..) => None,
             };
             if let Some((id, event, detail)) = event {
                 let payload = serde_json::json!({
@@ -115,6 +118,14 @@ async fn write(
                 sqlx::query("UPDATE devices SET control_seen_ms = ? WHERE id = ?")
                     .bind(ts)
                     .bind(i64::from(id.0))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            Presence::Reported(id, json) => {
+                sqlx::query(crate::store::config::SET_REPORTED)
+                    .bind(i64::from(id.0))
+                    .bind(json.as_str())
+                    .bind(ts)
                     .execute(&mut *tx)
                     .await?;
             }

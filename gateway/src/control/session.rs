@@ -36,6 +36,10 @@ enum End {
 }
 
 /// Framed reading and writing of control messages over any byte stream.
+///
+/// Memory: a session spends nearly all its life waiting for a heartbeat, so both buffers start
+/// empty, grow only as far as the frames in flight need, and are released once they are empty
+/// again and larger than [`KEEP_BUFFER`] (a file chunk, say).
 pub(crate) struct Conn<S> {
     io: S,
     buf: Vec<u8>,
@@ -49,8 +53,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub(crate) fn new(io: S, max: usize, write_timeout: std::time::Duration) -> Self {
         Self {
             io,
-            buf: Vec::with_capacity(4096),
-            out: Vec::with_capacity(4096),
+            buf: Vec::new(),
+            out: Vec::new(),
             max,
             write_timeout,
         }
@@ -65,6 +69,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             match decode_frame::<DeviceMsg>(&self.buf, self.max) {
                 Ok(Some((msg, used))) => {
                     self.buf.drain(..used);
+                    if self.buf.is_empty() && self.buf.capacity() > KEEP_BUFFER {
+                        self.buf = Vec::new();
+                    }
                     return Ok(Some(msg));
                 }
                 Ok(None) => {}
@@ -74,7 +81,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if self.buf.len() > self.max + proto::control::LEN_PREFIX {
                 return Err(End::Error);
             }
-            self.buf.reserve(4096);
+            // Room for a heartbeat-sized read; a larger frame doubles it as it arrives.
+            if self.buf.capacity() - self.buf.len() < READ_ROOM {
+                self.buf.reserve(self.buf.len().max(READ_ROOM));
+            }
             match self.io.read_buf(&mut self.buf).await {
                 Ok(0) if self.buf.is_empty() => return Ok(None),
                 Ok(0) => return Err(End::Closed),
@@ -93,12 +103,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             io.write_all(out).await?;
             io.flush().await
         };
-        match timeout(self.write_timeout, write).await {
+        let r = match timeout(self.write_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(End::Error),
+        };
+        if self.out.capacity() > KEEP_BUFFER {
+            self.out = Vec::new();
         }
+        r
     }
 }
+
+/// Free room a read asks for.
+const READ_ROOM: usize = 256;
+/// Largest buffer a resting session keeps.
+const KEEP_BUFFER: usize = 4096;
 
 /// How long a write may wait for a peer that does not read: the session's idle time.
 fn write_timeout(shared: &Shared) -> std::time::Duration {
@@ -119,26 +138,14 @@ pub(crate) async fn serve(
     let deadline = Instant::now() + shared.cfg.handshake_timeout;
     match acceptor {
         Some(acceptor) => {
-            let tls = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = timeout_at(deadline, acceptor.accept(stream)) => match r {
-                    Ok(Ok(tls)) => tls,
-                    _ => {
-                        shared.counters.rejected_handshake.fetch_add(1, Relaxed);
-                        return;
-                    }
-                },
-            };
-            let mut binding = [0u8; 32];
-            if tls
-                .get_ref()
-                .1
-                .export_keying_material(&mut binding, TLS_EXPORTER_LABEL, None)
-                .is_err()
-            {
-                shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+            // The TLS state is boxed and the handshake runs in its own (boxed) future: inline,
+            // the state would also be laid out in this future beside the session's, and every
+            // idle session keeps this future for its whole life.
+            let Some((tls, binding)) =
+                Box::pin(tls_accept(stream, acceptor, deadline, shared, &cancel)).await
+            else {
                 return;
-            }
+            };
             session(
                 Conn::new(tls, MAX_FRAME, write_timeout(shared)),
                 peer,
@@ -161,6 +168,61 @@ pub(crate) async fn serve(
             .await
         }
     }
+}
+
+/// The TLS handshake and the session binding (exported keying material); None when it failed
+/// or timed out (counted) or the gateway is stopping.
+async fn tls_accept(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    deadline: Instant,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Option<(Box<tokio_rustls::server::TlsStream<TcpStream>>, [u8; 32])> {
+    let failed = || {
+        shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        None
+    };
+    // First the whole ClientHello, which costs us nothing but a read buffer; a connection that
+    // never sends one holds no handshake slot.
+    let hello = rustls::server::Acceptor::default();
+    let start = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        r = timeout_at(deadline, tokio_rustls::LazyConfigAcceptor::new(hello, stream)) => match r {
+            Ok(Ok(start)) => start,
+            _ => return failed(),
+        },
+    };
+    // Then the expensive part (key exchange, signature, the client's Finished) under the
+    // handshake gate, so a reconnect storm runs a few handshakes to completion at a time
+    // instead of starting all of them and timing most of them out.
+    let tls = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        r = timeout_at(deadline, async {
+            let _slot = shared.handshake_gate.acquire().await;
+            start.into_stream(acceptor.config().clone()).await
+        }) => match r {
+            Ok(Ok(tls)) => tls,
+            _ => return failed(),
+        },
+    };
+    let mut binding = [0u8; 32];
+    if tls
+        .get_ref()
+        .1
+        .export_keying_material(&mut binding, TLS_EXPORTER_LABEL, None)
+        .is_err()
+    {
+        return failed();
+    }
+    Some((Box::new(tls), binding))
+}
+
+/// Runs one database step of a session start once the start gate lets it (see
+/// [`Shared::start_gate`]).
+async fn gated<T>(shared: &Shared, step: impl std::future::Future<Output = T>) -> T {
+    let _gate = shared.start_gate.acquire().await;
+    step.await
 }
 
 /// Authenticates; returns the device or None (already counted and answered).
@@ -186,7 +248,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         shared.counters.rejected_handshake.fetch_add(1, Relaxed);
         return None;
     };
-    let key = shared.store.device_key(device).await.ok().flatten();
+    let key = {
+        let _gate = shared.start_gate.acquire().await;
+        shared.store.device_key(device).await.ok().flatten()
+    };
     let ok = key.is_some_and(|key| {
         verify_proof(&key, device, &client_nonce, &server_nonce, binding, &proof)
     });
@@ -212,7 +277,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let device = tokio::select! {
         _ = cancel.cancelled() => return,
-        r = timeout_at(deadline, authenticate(&mut conn, binding, shared)) => match r {
+        r = timeout_at(deadline, Box::pin(authenticate(&mut conn, binding, shared))) => match r {
             Ok(Some(device)) => device,
             Ok(None) => return,
             Err(_) => {
@@ -252,9 +317,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .is_ok();
     // Commands owed to the device (queued while it was away, or sent without an answer).
     let owed = if welcomed {
-        shared
-            .store
-            .pending_commands(device)
+        let _gate = shared.start_gate.acquire().await;
+        Box::pin(shared.store.pending_commands(device))
             .await
             .unwrap_or_default()
     } else {
@@ -263,7 +327,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut delivered = welcomed;
     // The desired configuration, if the operator set one.
     if delivered
-        && let Ok(pair) = shared.store.device_config(device).await
+        && let Ok(pair) = Box::pin(gated(shared, shared.store.device_config(device))).await
         && let Some(desired) = &pair.desired
         && conn
             .write(&GatewayMsg::Config {
@@ -283,10 +347,10 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
             delivered = false;
             break;
         }
-        let _ = shared.store.command_sent(id).await;
+        let _ = Box::pin(shared.store.command_sent(id)).await;
     }
     let mut files = Files::default();
-    if delivered && !files.start(&mut conn, device, shared).await {
+    if delivered && !Box::pin(files.start(&mut conn, device, shared)).await {
         delivered = false;
     }
     if !delivered {
@@ -307,12 +371,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     let ok = match out {
                         Outbound::Msg(out) => {
                             let ok = conn.write(&out).await.is_ok();
-                            if let (true, GatewayMsg::Command { id, .. }) = (ok, &out) {
-                                let _ = shared.store.command_sent(*id).await;
+                            if let (true, GatewayMsg::Command { id, .. }) = (ok, &*out) {
+                                let _ = Box::pin(shared.store.command_sent(*id)).await;
                             }
                             ok
                         }
-                        Outbound::FilesPending => files.start(&mut conn, device, shared).await,
+                        Outbound::FilesPending => {
+                            Box::pin(files.start(&mut conn, device, shared)).await
+                        }
                     };
                     if !ok {
                         reason = "error";
@@ -343,20 +409,23 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                                 break;
                             }
                             DeviceMsg::FileAck { transfer, offset }
-                                if !files.on_ack(&mut conn, device, shared, transfer, offset).await =>
+                                if !Box::pin(files.on_ack(&mut conn, device, shared, transfer, offset)).await =>
                             {
                                 reason = "error";
                                 break;
                             }
                             DeviceMsg::FileDone { transfer, sha256, ok }
-                                if !files.on_done(&mut conn, device, shared, transfer, sha256, ok).await =>
+                                if !Box::pin(files.on_done(&mut conn, device, shared, transfer, sha256, ok)).await =>
                             {
                                 reason = "error";
                                 break;
                             }
                             DeviceMsg::ConfigReport { config } => {
-                                let json = ConfigJson::from(&config);
-                                let _ = shared.store.set_reported_config(device, &json).await;
+                                // Written in the presence task's next batch: a whole fleet
+                                // reporting on connect costs a few transactions.
+                                if let Ok(json) = serde_json::to_string(&ConfigJson::from(&config)) {
+                                    let _ = shared.presence.send(Presence::Reported(device, json)).await;
+                                }
                             }
                             DeviceMsg::CommandResult { id, outcome, detail } => {
                                 let (status, what) = match outcome {
@@ -371,7 +440,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                                 } else {
                                     format!("{what}: {detail}")
                                 };
-                                let _ = shared.store.command_answered(device, id, status, &text).await;
+                                let _ = Box::pin(shared.store.command_answered(device, id, status, &text)).await;
                             }
                             _ => {}
                         }
@@ -421,7 +490,8 @@ const PERSIST_EVERY: u64 = 1 << 20;
 /// The file transfer a session is running, if any.
 #[derive(Default)]
 struct Files {
-    current: Option<Sending>,
+    /// Boxed: most sessions never receive a file, and this lives in every session's future.
+    current: Option<Box<Sending>>,
 }
 
 struct Sending {
@@ -442,7 +512,7 @@ impl Files {
         shared: &Shared,
     ) -> bool {
         while self.current.is_none() {
-            let Ok(Some(t)) = shared.store.next_transfer(device).await else {
+            let Ok(Some(t)) = gated(shared, shared.store.next_transfer(device)).await else {
                 return true;
             };
             match tokio::fs::File::open(&t.path).await {
@@ -453,13 +523,13 @@ impl Files {
                         size: t.size,
                         sha256: t.sha256,
                     };
-                    self.current = Some(Sending {
+                    self.current = Some(Box::new(Sending {
                         t,
                         file,
                         next: None,
                         acked: 0,
                         persisted: 0,
-                    });
+                    }));
                     return conn.write(&offer).await.is_ok();
                 }
                 Err(e) => {

@@ -9,6 +9,8 @@
 //! Emits: `debug` per drop (via [`Counters::dropped`]), a rate-limited `warn` summary of drops,
 //! `info` when devices are reloaded and when it stops.
 
+pub mod kernel_drops;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;

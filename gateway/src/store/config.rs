@@ -78,6 +78,10 @@ fn parse(text: Option<String>) -> Option<ConfigJson> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
+/// Upsert of a device's reported configuration: binds device, JSON, time (ms).
+pub(crate) const SET_REPORTED: &str = "INSERT INTO device_config (device, reported, reported_ms) \
+     VALUES (?1, ?2, ?3) ON CONFLICT(device) DO UPDATE SET reported = ?2, reported_ms = ?3";
+
 impl Store {
     /// Stores the desired configuration of a device.
     ///
@@ -97,7 +101,8 @@ impl Store {
         .await
     }
 
-    /// Stores what a device reports it applied.
+    /// Stores what a device reports it applied (sessions hand reports to the presence task,
+    /// which writes them in batches with [`SET_REPORTED`]).
     ///
     /// # Errors
     /// Driver errors.
@@ -106,13 +111,7 @@ impl Store {
         device: DeviceId,
         config: &ConfigJson,
     ) -> Result<(), StoreError> {
-        self.store_config(
-            device,
-            config,
-            "INSERT INTO device_config (device, reported, reported_ms) VALUES (?1, ?2, ?3) \
-             ON CONFLICT(device) DO UPDATE SET reported = ?2, reported_ms = ?3",
-        )
-        .await
+        self.store_config(device, config, SET_REPORTED).await
     }
 
     async fn store_config(

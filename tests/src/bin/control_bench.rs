@@ -20,9 +20,71 @@ struct Args {
     /// File size in MiB.
     #[arg(long, default_value_t = 5)]
     file_mib: usize,
-    /// Gateway config file (e.g. to raise `control.max_sessions` past 10,000).
+    /// Gateway config file. Without one the bench writes a config whose session limits
+    /// (`control.max_sessions`, `control.max_sessions_per_ip`) fit `--devices`.
     #[arg(long)]
     config: Option<std::path::PathBuf>,
+    /// Simulator processes to split the fleet over (each device holds a UDP and a TCP socket,
+    /// so one process runs out of files first). Default: one per 8,000 devices.
+    #[arg(long)]
+    sims: Option<u32>,
+    /// How long to hold the sessions while sampling the gateway's RSS.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    hold: Duration,
+}
+
+/// Splits a fleet file into `n` files of consecutive devices.
+fn split_fleet(fleet: &std::path::Path, n: u32) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use device_sim::fleet::FleetFile;
+    let all = FleetFile::load(fleet)?;
+    let per = all.devices.len().div_ceil(n.max(1) as usize).max(1);
+    let mut out = Vec::new();
+    for (i, chunk) in all.devices.chunks(per).enumerate() {
+        let part = FleetFile {
+            version: all.version,
+            devices: chunk.to_vec(),
+        };
+        let path = fleet.with_file_name(format!("fleet-{i}.json"));
+        part.save(&path)?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
+/// Devices the gateway has marked online, read straight from its database (cheap enough to
+/// poll while 20,000 sessions connect, unlike a `gateway devices list` process per poll).
+fn online_now(db: &std::path::Path) -> anyhow::Result<usize> {
+    let conn = rusqlite::Connection::open_with_flags(
+        db,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let n: i64 = conn.query_row("SELECT count(*) FROM devices WHERE online = 1", [], |r| {
+        r.get(0)
+    })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// The pace of RSS sampling while sessions are held (a sampling interval, not a wait for a
+/// condition).
+#[allow(clippy::disallowed_methods)]
+fn sample_pause() {
+    std::thread::sleep(Duration::from_millis(250));
+}
+
+/// The gateway's limit on open files (each session holds one).
+fn open_files_limit(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("Max open files")?;
+    let soft = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()
+        .context("limit")?;
+    Ok(soft.parse().unwrap_or(u64::MAX))
 }
 
 fn quantile(sorted: &[i64], q: f64) -> i64 {
@@ -38,7 +100,19 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
     let fleet = provision(dir.path(), &db, args.devices)?;
-    let config = args.config.as_ref().map(|c| c.display().to_string());
+    let config = match &args.config {
+        Some(c) => c.clone(),
+        None => {
+            let path = dir.path().join("bench.toml");
+            let limit = args.devices + 100;
+            std::fs::write(
+                &path,
+                format!("[control]\nmax_sessions = {limit}\nmax_sessions_per_ip = {limit}\n"),
+            )?;
+            path
+        }
+    };
+    let config = Some(config.display().to_string());
     let extra: Vec<&str> = match &config {
         Some(c) => vec!["--config", c],
         None => vec![],
@@ -49,30 +123,53 @@ fn main() -> anyhow::Result<()> {
     let dbs = p(&db)?;
     // Let the gateway settle before the idle reading.
     wait_until(Duration::from_secs(10), "gateway healthy", || {
-        Ok(gateway(&["devices", "list", "--format", "json", "--db", &dbs]).is_ok())
+        Ok(online_now(&db).is_ok())
     })?;
+    let files_limit = open_files_limit(gw.child.id())?;
+    // Beyond the sessions the gateway holds its database, listeners and runtime (~40 files).
+    anyhow::ensure!(
+        u64::from(args.devices) + 40 <= files_limit,
+        "the gateway may open {files_limit} files on this host, too few for {} sessions \
+         (one file each, plus ~40): raise its open-file limit (ulimit -n / LimitNOFILE)",
+        args.devices
+    );
     let idle = rss_kib(gw.child.id())?;
-    let mut cmd = sim(gw.udp, &fleet);
-    cmd.args(["--rate", "0.2", "--batch", "1", "--duration", "3600s"])
-        .args(["--control", &gw.control.to_string(), "--ca"])
-        .arg(dir.path().join("certs/ca.pem"))
-        .arg("--files-dir")
-        .arg(dir.path().join("sim-files"))
-        .stdout(std::process::Stdio::null());
-    let mut child = KillOnDrop(cmd.spawn()?);
+    let sims = args.sims.unwrap_or(args.devices.div_ceil(8000)).max(1);
+    let mut children = Vec::new();
+    for (i, part) in split_fleet(&fleet, sims)?.iter().enumerate() {
+        let mut cmd = sim(gw.udp, part);
+        cmd.args(["--rate", "0.2", "--batch", "1", "--duration", "3600s"])
+            .args(["--control", &gw.control.to_string(), "--ca"])
+            .arg(dir.path().join("certs/ca.pem"))
+            .arg("--files-dir")
+            .arg(dir.path().join(format!("sim-files-{i}")))
+            .stdout(std::process::Stdio::null());
+        children.push(KillOnDrop(cmd.spawn()?));
+    }
     let t0 = SystemTime::now();
     let n = args.devices as usize;
-    wait_until(Duration::from_secs(300), "all devices online", || {
-        Ok(online_count(&db)? == n)
+    wait_until(Duration::from_secs(600), "all devices online", || {
+        Ok(online_now(&db)? == n)
     })?;
     let connect_s = t0.elapsed()?.as_secs_f64();
-    let held = rss_kib(gw.child.id())?;
+    // Hold the sessions (heartbeats flowing) and keep the largest RSS seen.
+    let mut held = rss_kib(gw.child.id())?;
+    let hold_until = SystemTime::now() + args.hold;
+    while SystemTime::now() < hold_until {
+        sample_pause();
+        held = held.max(rss_kib(gw.child.id())?);
+    }
+    anyhow::ensure!(online_now(&db)? == n, "sessions were lost while held");
     let per_session_kib = (held.saturating_sub(idle)) as f64 / n as f64;
-    println!("control-bench: {n} devices, TLS 1.3, loopback");
     println!(
-        "sessions: {n} authenticated in {connect_s:.1} s; gateway RSS idle {:.1} MiB, with sessions {:.1} MiB; {per_session_kib:.1} KiB per session = {:.0} sessions per GiB",
+        "control-bench: {n} devices over {sims} simulator process(es), TLS 1.3, loopback; gateway open-file limit {files_limit}"
+    );
+    println!(
+        "sessions: {n} authenticated in {connect_s:.1} s; gateway RSS idle {:.1} MiB, holding {n} sessions for {} (largest sample) {:.1} MiB, peak {:.1} MiB; {per_session_kib:.1} KiB per session = {:.0} sessions per GiB",
         idle as f64 / 1024.0,
+        humantime::format_duration(args.hold),
         held as f64 / 1024.0,
+        proc_peak_mib(gw.child.id())?,
         1024.0 * 1024.0 / per_session_kib.max(0.001)
     );
 
@@ -140,8 +237,10 @@ fn main() -> anyhow::Result<()> {
         mib / secs,
         proc_peak_mib(gw.child.id())?
     );
-    signal(child.id(), "INT")?;
-    child.wait()?;
+    for mut child in children {
+        signal(child.id(), "INT")?;
+        child.0.wait()?;
+    }
     gw.stop()?;
     Ok(())
 }

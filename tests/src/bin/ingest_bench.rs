@@ -413,18 +413,7 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
     gw.stop()?;
     let r = read_report(&report)?;
     let s = stats(&db)?;
-    let drops: BTreeMap<String, u64> = s["counters"]
-        .as_object()
-        .context("counters")?
-        .iter()
-        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
-        .map(|(k, v)| {
-            (
-                k.trim_start_matches("drop_").to_owned(),
-                v.as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let drops = drops_by_reason(&s)?;
     let committed = counter(&s, "readings_committed");
     let secs = args.duration.as_secs_f64();
     let ms = |us: u64| us as f64 / 1000.0;
@@ -661,18 +650,20 @@ fn query_bench(args: &Args, total: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Dropped datagrams the kernel counted for a UDP socket bound to `port` (`/proc/net/udp`).
-fn kernel_udp_drops(port: u16) -> u64 {
-    let want = format!(":{port:04X}");
-    std::fs::read_to_string("/proc/net/udp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(1)?.ends_with(&want)).then(|| f.last()?.parse::<u64>().ok())?
+/// The gateway's non-zero drop counters by reason (`kernel` included: the socket's own count).
+fn drops_by_reason(stats: &serde_json::Value) -> anyhow::Result<BTreeMap<String, u64>> {
+    Ok(stats["counters"]
+        .as_object()
+        .context("counters")?
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches("drop_").to_owned(),
+                v.as_u64().unwrap_or(0),
+            )
         })
-        .sum()
+        .collect())
 }
 
 /// The overload run: see `--overload`.
@@ -818,22 +809,10 @@ fn overload(args: &Args, rate: u64) -> anyhow::Result<()> {
     let acked = acks
         .join()
         .map_err(|_| anyhow::anyhow!("ack receiver panicked"))?;
-    let kernel_drops = kernel_udp_drops(gw.udp.port());
     peak_rss = peak_rss.max(peak_rss_kib(pid)?);
     gw.stop()?;
     let s = stats(&db)?;
-    let drops: BTreeMap<String, u64> = s["counters"]
-        .as_object()
-        .context("counters")?
-        .iter()
-        .filter(|(k, v)| k.starts_with("drop_") && v.as_u64().unwrap_or(0) > 0)
-        .map(|(k, v)| {
-            (
-                k.trim_start_matches("drop_").to_owned(),
-                v.as_u64().unwrap_or(0),
-            )
-        })
-        .collect();
+    let drops = drops_by_reason(&s)?;
     // Every acknowledged blast datagram must be stored: check each one's readings.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -870,7 +849,7 @@ fn overload(args: &Args, rate: u64) -> anyhow::Result<()> {
         missing
     );
     println!(
-        "gateway: committed {} readings in total; drops {:?}; kernel socket drops {kernel_drops}; peak RSS {:.1} MiB (RSS every 10 s: {:?} MiB)",
+        "gateway: committed {} readings in total; drops by reason {:?} (kernel: dropped unread, socket buffer full); peak RSS {:.1} MiB (RSS every 10 s: {:?} MiB)",
         counter(&s, "readings_committed"),
         drops,
         peak_rss as f64 / 1024.0,
