@@ -128,6 +128,8 @@ struct Step {
     ack_p99_ms: Option<f64>,
     ack_p999_ms: Option<f64>,
     gateway_cpu_cores: f64,
+    /// RSS once started with the whole fleet loaded, before the first datagram.
+    gateway_start_rss_mib: f64,
     gateway_peak_rss_mib: f64,
     drops: BTreeMap<String, u64>,
     sustained: bool,
@@ -391,6 +393,7 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let gw = TestGateway::start(&db, &extra)?;
+    let start_rss = rss_kib(gw.child.id())?;
     let report = dir.path().join("report.json");
     let per_device = rate as f64 / f64::from(args.devices);
     let mut cmd = sim(gw.udp, &fleet);
@@ -439,6 +442,7 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
         ack_p99_ms: lat.as_ref().map(|l| ms(l.p99_us)),
         ack_p999_ms: lat.as_ref().map(|l| ms(l.p999_us)),
         gateway_cpu_cores: cpu / wall,
+        gateway_start_rss_mib: start_rss as f64 / 1024.0,
         gateway_peak_rss_mib: rss as f64 / 1024.0,
         drops,
         sustained,
@@ -984,6 +988,19 @@ fn main() -> anyhow::Result<()> {
         steps,
     };
     println!();
+    // Memory per device: the peak while sending over the fleet, an upper bound (it includes the
+    // gateway's fixed base and its queues and batches at that rate).
+    for st in &results.steps {
+        println!(
+            "memory, acks {} at {}: gateway RSS {:.1} MiB after start with {} devices loaded, peak {:.1} MiB while sending = at most {:.1} KiB per device",
+            if st.acks { "on" } else { "off" },
+            st.offered,
+            st.gateway_start_rss_mib,
+            args.devices,
+            st.gateway_peak_rss_mib,
+            st.gateway_peak_rss_mib * 1024.0 / f64::from(args.devices)
+        );
+    }
     for (name, b) in [
         ("acks off", results.best_sustained_acks_off),
         ("acks on", results.best_sustained_acks_on),
