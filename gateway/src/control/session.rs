@@ -248,10 +248,10 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         shared.counters.rejected_handshake.fetch_add(1, Relaxed);
         return None;
     };
-    let key = {
-        let _gate = shared.start_gate.acquire().await;
-        shared.store.device_key(device).await.ok().flatten()
-    };
+    let key = gated(shared, shared.store.device_key(device))
+        .await
+        .ok()
+        .flatten();
     let ok = key.is_some_and(|key| {
         verify_proof(&key, device, &client_nonce, &server_nonce, binding, &proof)
     });
@@ -317,8 +317,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
         .is_ok();
     // Commands owed to the device (queued while it was away, or sent without an answer).
     let owed = if welcomed {
-        let _gate = shared.start_gate.acquire().await;
-        Box::pin(shared.store.pending_commands(device))
+        Box::pin(gated(shared, shared.store.pending_commands(device)))
             .await
             .unwrap_or_default()
     } else {
