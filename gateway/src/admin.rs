@@ -461,6 +461,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         ("control_rejected_handshake", &c.rejected_handshake),
         ("control_rejected_auth", &c.rejected_auth),
         ("control_sessions_replaced", &c.sessions_replaced),
+        ("control_connections_closed", &c.connections_closed),
     ] {
         out.push_str(&format!(
             "# TYPE gateway_{name}_total counter\ngateway_{name}_total {}\n",

@@ -467,6 +467,10 @@ pub struct ServiceConfig {
     /// Default: the host name (letters, digits, `-` and `_` kept), or `gateway`.
     #[serde(default)]
     pub id: Option<String>,
+    /// Give freed heap back to the system after a storm of control sessions opening or closing
+    /// (glibc only; see `gateway::memory`). Default true.
+    #[serde(default = "default_true")]
+    pub return_memory: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -524,6 +528,7 @@ impl Default for ServiceConfig {
             shutdown_grace: default_grace(),
             stats_interval: default_stats_interval(),
             id: None,
+            return_memory: true,
         }
     }
 }

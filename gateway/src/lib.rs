@@ -30,6 +30,7 @@ pub mod control;
 pub mod demo;
 pub mod events;
 pub mod ingest;
+pub mod memory;
 pub mod mqtt;
 pub mod replay;
 pub mod signal;
@@ -114,7 +115,10 @@ impl Gateway {
         let store = Store::open(&OpenOptions {
             path: cfg.store.path.clone(),
             durability: cfg.store.durability,
-            cache_kib: cfg.store.cache_kib,
+            // The writer sets its own (larger) cache below; every other connection serves
+            // lookups and queries, which the OS page cache serves as well, so each of the pool's
+            // connections would otherwise fill up to `cache_kib` as the database grows.
+            cache_kib: store::READER_CACHE_KIB.min(cfg.store.cache_kib),
             create: true,
             background_checkpoint: true,
         })
@@ -184,7 +188,15 @@ impl Gateway {
             max_rows: cfg.mqtt.outbox_max_rows,
             max_bytes: cfg.mqtt.outbox_max_bytes,
         });
-        let conn = store.pool().acquire().await.map_err(StoreError::from)?;
+        let mut conn = store.pool().acquire().await.map_err(StoreError::from)?;
+        // A number from the validated config: no injection possible.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA cache_size = -{}",
+            cfg.store.cache_kib
+        )))
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::from)?;
         let writer = Writer::new(
             conn,
             rx,
@@ -245,6 +257,13 @@ impl Gateway {
             sessions.clone(),
         );
         tracker.spawn(server.run(cancel.clone(), tracker.clone()));
+        if cfg.service.return_memory {
+            tracker.spawn(memory::run(
+                control_counters.clone(),
+                cfg.service.stats_interval,
+                cancel.clone(),
+            ));
+        }
         let token = admin::load_or_create_token(
             cfg.admin.token.as_deref(),
             &config::token_file(&cfg.store.path),

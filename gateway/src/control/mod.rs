@@ -11,6 +11,7 @@
 //! Emits: `debug` per session start and end, `warn` for accept errors.
 
 pub mod presence;
+pub mod queue;
 pub mod session;
 pub mod tls;
 
@@ -43,6 +44,8 @@ pub struct ControlCounters {
     pub rejected_auth: AtomicU64,
     /// Sessions replaced by a newer one of the same device.
     pub sessions_replaced: AtomicU64,
+    /// Accepted connections that have ended, at any stage (handshake, authentication, session).
+    pub connections_closed: AtomicU64,
 }
 
 /// A live, authenticated session as the rest of the gateway sees it.
@@ -51,13 +54,12 @@ pub struct SessionHandle {
     /// Unique per gateway run, to tell a session from its replacement.
     pub session: u64,
     /// Work for the session: messages to send, or a nudge to look for files.
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: queue::QueueSender,
     /// Ends the session.
     pub cancel: CancellationToken,
 }
 
-/// What the rest of the gateway hands a live session. Small on purpose: every session's queue
-/// allocates room for 32 of these up front.
+/// What the rest of the gateway hands a live session (through its [`queue`]).
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// Send this message.
@@ -190,6 +192,7 @@ impl ControlServer {
                     ip: peer.ip(),
                 };
                 session::serve(stream, peer, acceptor, &shared, session_cancel).await;
+                shared.counters.connections_closed.fetch_add(1, Relaxed);
                 drop(permit);
             });
         }

@@ -16,7 +16,6 @@ use proto::control::{MAX_CHUNK, TransferId};
 use rand::RngCore;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +112,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         r
     }
 }
+
+/// Messages and nudges waiting for one session at most; more are refused (a command then
+/// stays queued in the database for the next session).
+const SESSION_QUEUE: usize = 64;
 
 /// Free room a read asks for.
 const READ_ROOM: usize = 256;
@@ -288,7 +291,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     };
     shared.counters.sessions_authenticated.fetch_add(1, Relaxed);
     let session = shared.next_session.fetch_add(1, Relaxed);
-    let (tx, mut rx) = mpsc::channel::<Outbound>(64);
+    let (tx, mut rx) = crate::control::queue::queue(SESSION_QUEUE);
     let replaced = {
         let mut map = shared.registry.lock().unwrap_or_else(|e| e.into_inner());
         map.insert(
@@ -366,7 +369,6 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     break;
                 }
                 out = rx.recv() => {
-                    let Some(out) = out else { break };
                     let ok = match out {
                         Outbound::Msg(out) => {
                             let ok = conn.write(&out).await.is_ok();

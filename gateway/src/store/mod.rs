@@ -58,6 +58,10 @@ pub enum StoreError {
     },
 }
 
+/// Page cache of each pool connection but the writer's, KiB (the writer's is
+/// `[store] cache_kib`).
+pub const READER_CACHE_KIB: u32 = 2048;
+
 /// How a database is opened.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {

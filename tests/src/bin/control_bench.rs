@@ -31,6 +31,12 @@ struct Args {
     /// How long to hold the sessions while sampling the gateway's RSS.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     hold: Duration,
+    /// Readings per second each device also sends over UDP (one per datagram). Telemetry
+    /// costs the gateway memory of its own (aggregation windows per device, the writer), which
+    /// grows with the hold and is measured by ingest-bench's many-small-flows case; raise this
+    /// to see both together.
+    #[arg(long, default_value_t = 0.2)]
+    telemetry_rate: f64,
 }
 
 /// Splits a fleet file into `n` files of consecutive devices.
@@ -138,7 +144,8 @@ fn main() -> anyhow::Result<()> {
     let mut children = Vec::new();
     for (i, part) in split_fleet(&fleet, sims)?.iter().enumerate() {
         let mut cmd = sim(gw.udp, part);
-        cmd.args(["--rate", "0.2", "--batch", "1", "--duration", "3600s"])
+        cmd.args(["--rate", &args.telemetry_rate.to_string()])
+            .args(["--batch", "1", "--duration", "3600s"])
             .args(["--control", &gw.control.to_string(), "--ca"])
             .arg(dir.path().join("certs/ca.pem"))
             .arg("--files-dir")
@@ -152,25 +159,31 @@ fn main() -> anyhow::Result<()> {
         Ok(online_now(&db)? == n)
     })?;
     let connect_s = t0.elapsed()?.as_secs_f64();
-    // Hold the sessions (heartbeats flowing) and keep the largest RSS seen.
+    // Hold the sessions (heartbeats flowing) and keep the largest RSS seen and the last one
+    // (after the storm, once the gateway has returned the handshakes' freed memory).
     let mut held = rss_kib(gw.child.id())?;
+    let mut last = held;
     let hold_until = SystemTime::now() + args.hold;
     while SystemTime::now() < hold_until {
         sample_pause();
-        held = held.max(rss_kib(gw.child.id())?);
+        last = rss_kib(gw.child.id())?;
+        held = held.max(last);
     }
     anyhow::ensure!(online_now(&db)? == n, "sessions were lost while held");
     let per_session_kib = (held.saturating_sub(idle)) as f64 / n as f64;
+    let settled_kib = (last.saturating_sub(idle)) as f64 / n as f64;
     println!(
-        "control-bench: {n} devices over {sims} simulator process(es), TLS 1.3, loopback; gateway open-file limit {files_limit}"
+        "control-bench: {n} devices over {sims} simulator process(es), TLS 1.3, loopback, {} readings/s per device over UDP; gateway open-file limit {files_limit}",
+        args.telemetry_rate
     );
     println!(
-        "sessions: {n} authenticated in {connect_s:.1} s; gateway RSS idle {:.1} MiB, holding {n} sessions for {} (largest sample) {:.1} MiB, peak {:.1} MiB; {per_session_kib:.1} KiB per session = {:.0} sessions per GiB",
+        "sessions: {n} authenticated in {connect_s:.1} s; gateway RSS idle {:.1} MiB, holding {n} sessions for {}: largest sample {:.1} MiB ({per_session_kib:.1} KiB per session = {:.0} sessions per GiB), last sample {:.1} MiB ({settled_kib:.1} KiB per session), peak {:.1} MiB",
         idle as f64 / 1024.0,
         humantime::format_duration(args.hold),
         held as f64 / 1024.0,
+        1024.0 * 1024.0 / per_session_kib.max(0.001),
+        last as f64 / 1024.0,
         proc_peak_mib(gw.child.id())?,
-        1024.0 * 1024.0 / per_session_kib.max(0.001)
     );
 
     // Command round trips: one ping to every device at once, timed by the gateway's own
