@@ -55,11 +55,11 @@ impl QueueSender {
     ///
     /// # Errors
     /// The item, when it was not queued.
-    pub fn try_send(&self, item: Outbound) -> Result<(), Box<Outbound>> {
+    pub fn try_send(&self, item: Outbound) -> Result<(), Outbound> {
         {
             let mut s = self.0.lock();
             if s.closed || s.items.len() >= s.capacity {
-                return Err(Box::new(item));
+                return Err(item);
             }
             s.items.push_back(item);
         }
