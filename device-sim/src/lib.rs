@@ -1,14 +1,15 @@
 //! Simulated fleets of sensor devices that speak the gateway's real protocol.
 //!
-//! [`run`] plays a fleet: one task per device, each with its own UDP socket, sensor model,
-//! key and sequence counter, sending at a fixed rate, injecting faults on demand and, with acks
+//! [`run`] plays a fleet: each device with its own sensor model, key and sequence counter,
+//! sending at a fixed rate from its own UDP socket (or one shared by a group of devices), injecting faults on demand and, with acks
 //! on, retransmitting what the gateway has not acknowledged. It returns a [`Report`] of what was
 //! sent and acknowledged, per device. The `device-sim` binary and `gateway demo` both use it.
 //!
 //! # Layout
 //! - [`fleet`] — the fleet file (devices, keys, sequence counters).
 //! - [`model`] — sensor signal models (pure, seeded).
-//! - `device`: one device task.
+//! - `device`: one device as a state machine (no I/O).
+//! - `group`: devices sharing a socket and a task, and their timers.
 //! - [`report`] — the report and live progress.
 
 pub mod control;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod report;
 
 mod device;
+mod group;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::device::{Behaviour, Device, DeviceSpec};
 use crate::fleet::{FleetError, FleetFile};
+use crate::group::Group;
 pub use crate::report::{DeviceReport, FaultCounts, Progress, Report};
 
 /// Probabilities of faults, each per transmission (replay: per datagram generated).
@@ -78,6 +81,9 @@ pub struct SimConfig {
     pub fleet_path: Option<PathBuf>,
     /// Hold a control session per device.
     pub control: Option<control::ControlTarget>,
+    /// Devices sharing one UDP socket (and one task): 1 gives every device its own address,
+    /// as a real fleet has; larger groups cost the simulator less per datagram.
+    pub devices_per_socket: usize,
 }
 
 impl SimConfig {
@@ -97,6 +103,7 @@ impl SimConfig {
             keep_readings: false,
             fleet_path: None,
             control: None,
+            devices_per_socket: 1,
         }
     }
 }
@@ -190,6 +197,11 @@ pub async fn run(
     if count == 0 {
         return Err(SimError::Invalid("the fleet has no devices".into()));
     }
+    if cfg.devices_per_socket == 0 {
+        return Err(SimError::Invalid(
+            "devices per socket must be at least 1".into(),
+        ));
+    }
     let period = Duration::from_secs_f64(cfg.batch as f64 / cfg.rate);
     let lease = (LEASE_SECS / period.as_secs_f64()).ceil() as u64 + 16;
     let progress_handle = progress.clone();
@@ -243,20 +255,23 @@ pub async fn run(
     let start = Instant::now();
     let until = cfg.duration.map(|d| start + d);
     let mut set = JoinSet::new();
-    for ((d, next_seq), limit) in fleet.devices[..count].iter().zip(&counters).zip(&limits) {
-        let socket = UdpSocket::bind(bind).await?;
-        socket.connect(cfg.gateway).await?;
+    let mut members = Vec::with_capacity(cfg.devices_per_socket);
+    let devices = fleet.devices[..count].iter().zip(&counters).zip(&limits);
+    for (n, ((d, next_seq), limit)) in devices.enumerate() {
         let spec = DeviceSpec {
             id: d.device_id(),
             cipher: d.device_key()?.cipher(),
             first_seq: next_seq.load(Relaxed),
             seed: cfg.seed,
-            socket,
             next_seq: next_seq.clone(),
             seq_limit: limit.clone(),
         };
-        let device = Device::new(spec, d.device_key()?, behaviour.clone());
-        set.spawn(device.run(until, cancel.clone()));
+        members.push(Device::new(spec, d.device_key()?, behaviour.clone()));
+        if members.len() == cfg.devices_per_socket || n + 1 == count {
+            let socket = group_socket(bind, cfg.gateway, members.len()).await?;
+            let group = Group::new(socket, std::mem::take(&mut members), behaviour.clone());
+            set.spawn(group.run(until, cancel.clone()));
+        }
     }
     let mut reports = Vec::with_capacity(count);
     let mut readings = Vec::new();
@@ -265,11 +280,13 @@ pub async fn run(
     loop {
         tokio::select! {
             joined = set.join_next() => match joined {
-                Some(Ok((report, sent))) => {
-                    reports.push(report);
-                    readings.extend(sent);
+                Some(Ok(group)) => {
+                    for (report, sent) in group {
+                        reports.push(report);
+                        readings.extend(sent);
+                    }
                 }
-                Some(Err(e)) => tracing::error!(error = %e, "device task failed"),
+                Some(Err(e)) => tracing::error!(error = %e, "device group task failed"),
                 None => break,
             },
             _ = checkpoint.tick() => {
@@ -293,4 +310,27 @@ pub async fn run(
         readings,
         fleet,
     })
+}
+
+/// A UDP socket connected to the gateway; a shared one gets a large receive buffer so the
+/// acks of its whole group fit while its task is busy sending.
+async fn group_socket(
+    bind: SocketAddr,
+    gateway: SocketAddr,
+    members: usize,
+) -> std::io::Result<UdpSocket> {
+    if members == 1 {
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(gateway).await?;
+        return Ok(socket);
+    }
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(group::SHARED_RECV_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&bind.into())?;
+    let socket = UdpSocket::from_std(socket.into())?;
+    socket.connect(gateway).await?;
+    Ok(socket)
 }

@@ -77,6 +77,10 @@ struct Args {
     /// Use plain TCP for control sessions (only against a gateway with control.tls = false).
     #[arg(long, requires = "control")]
     control_plain: bool,
+    /// Devices sharing one UDP socket and task. 1 (the default) gives every device its own
+    /// address, as a real fleet has; larger groups let one simulator offer far higher rates.
+    #[arg(long, default_value_t = 1)]
+    devices_per_socket: usize,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -102,16 +106,19 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let fleet = FleetFile::load(&args.fleet)?;
-    // One socket per simulated device: raise the open-file limit as far as allowed.
+    // One socket per group of devices (and one per control session): raise the open-file
+    // limit as far as allowed.
     let devices = args
         .devices
         .unwrap_or(fleet.devices.len())
         .min(fleet.devices.len()) as u64;
+    let per_socket = args.devices_per_socket.max(1) as u64;
+    let sockets = devices.div_ceil(per_socket) + if args.control.is_some() { devices } else { 0 };
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    if limit != 0 && limit < devices + 32 {
+    if limit != 0 && limit < sockets + 32 {
         anyhow::bail!(
             "{devices} devices need about {} open files but the limit is {limit} (ulimit -n)",
-            devices + 32
+            sockets + 32
         );
     }
     let cfg = SimConfig {
@@ -131,6 +138,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             corrupt: args.corrupt,
             replay: args.replay,
         },
+        devices_per_socket: args.devices_per_socket,
         keep_readings: args.readings_log.is_some(),
         fleet_path: Some(args.fleet.clone()),
         control: match args.control {

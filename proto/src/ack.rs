@@ -52,6 +52,17 @@ impl Ack {
         out
     }
 
+    /// The device an ack datagram claims to be for, read without checking its tag: for a
+    /// receiver that serves several devices on one socket and must pick the key to check it
+    /// with. `None` when the datagram is not shaped like an ack.
+    pub fn peek_device(datagram: &[u8]) -> Option<DeviceId> {
+        if datagram.len() != ACK_LEN {
+            return None;
+        }
+        let header = parse_header(datagram).ok()?;
+        (header.flags.0 == Flags::ACK).then_some(header.device)
+    }
+
     /// Checks and parses an ack received by a device.
     ///
     /// # Errors

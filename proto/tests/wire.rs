@@ -143,6 +143,16 @@ fn limits_and_header_errors() {
     .seal(&cipher);
     assert!(Header::peek(&ack).is_err());
     assert!(Ack::open(&batch.seal(&header, &cipher).unwrap().0, &cipher).is_err());
+    // Peeking an ack's device (to pick the key) reads only ack-shaped datagrams.
+    assert_eq!(Ack::peek_device(&ack), Some(DeviceId(7)));
+    assert_eq!(Ack::peek_device(&ack[..ACK_LEN - 1]), None);
+    assert_eq!(
+        Ack::peek_device(&batch.seal(&header, &cipher).unwrap().0),
+        None
+    );
+    let mut not_ack = ack;
+    not_ack[1] = Flags::ACK_REQUESTED;
+    assert_eq!(Ack::peek_device(&not_ack), None);
 
     let too_many = Batch {
         readings: vec![batch.readings[0]; MAX_READINGS + 1],

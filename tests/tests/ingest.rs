@@ -72,7 +72,8 @@ fn fleet_with_acks_is_stored_exactly() -> anyhow::Result<()> {
 }
 
 /// Loss, duplication, reordering and corruption: every acked reading stored, nothing duplicated
-/// or corrupted, and the drop counters account for the injected faults.
+/// or corrupted, and the drop counters account for the injected faults. The devices share
+/// sockets in uneven groups (7 per socket), so acks are told apart by device.
 #[test]
 fn faults_are_survived_and_accounted() -> anyhow::Result<()> {
     let _serial = serial();
@@ -92,6 +93,8 @@ fn faults_are_survived_and_accounted() -> anyhow::Result<()> {
         "5s",
         "--seed",
         "11",
+        "--devices-per-socket",
+        "7",
     ])
     .args([
         "--loss",

@@ -54,6 +54,9 @@ struct Args {
     /// Readings per datagram.
     #[arg(long, default_value_t = 16)]
     batch: usize,
+    /// Devices sharing one simulator socket (`device-sim --devices-per-socket`).
+    #[arg(long, default_value_t = 1)]
+    devices_per_socket: usize,
     /// Load time per step.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -399,6 +402,7 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
     let mut cmd = sim(gw.udp, &fleet);
     cmd.args(["--rate", &per_device.to_string()])
         .args(["--batch", &args.batch.to_string()])
+        .args(["--devices-per-socket", &args.devices_per_socket.to_string()])
         .args(["--duration", &format!("{}ms", args.duration.as_millis())])
         .args(["--report"])
         .arg(&report)
