@@ -71,8 +71,9 @@ pub fn tls_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
 /// telemetry loop.
 #[derive(Debug)]
 pub struct LiveConfig {
-    /// Milliseconds between datagrams.
-    pub period_ms: AtomicU64,
+    /// Microseconds between datagrams (the protocol speaks milliseconds; a simulated rate
+    /// needs finer periods to be offered exactly).
+    pub period_us: AtomicU64,
     /// Readings per datagram.
     pub batch: AtomicU64,
     /// Bit `i` set when sensor `i + 1` is on (sensors 1..=64).
@@ -81,9 +82,9 @@ pub struct LiveConfig {
 
 impl LiveConfig {
     /// A configuration with all four model sensors on.
-    pub fn new(period_ms: u64, batch: u64) -> Self {
+    pub fn new(period: std::time::Duration, batch: u64) -> Self {
         Self {
-            period_ms: AtomicU64::new(period_ms.max(1)),
+            period_us: AtomicU64::new((period.as_micros() as u64).max(1)),
             batch: AtomicU64::new(batch),
             sensors: AtomicU64::new(0b1111),
         }
@@ -100,7 +101,7 @@ impl LiveConfig {
 
     fn report(&self) -> DeviceConfig {
         DeviceConfig {
-            interval_ms: self.period_ms.load(Relaxed).min(u64::from(u32::MAX)) as u32,
+            interval_ms: (self.period_us.load(Relaxed) / 1000).clamp(1, u64::from(u32::MAX)) as u32,
             batch: self.batch.load(Relaxed).min(u64::from(u16::MAX)) as u16,
             sensors: self.sensor_ids(),
         }
@@ -120,7 +121,8 @@ impl LiveConfig {
         {
             return false;
         }
-        self.period_ms.store(u64::from(c.interval_ms), Relaxed);
+        self.period_us
+            .store(u64::from(c.interval_ms) * 1000, Relaxed);
         self.batch.store(u64::from(c.batch), Relaxed);
         self.sensors.store(mask, Relaxed);
         true
@@ -419,7 +421,7 @@ fn apply_once(
 fn apply(command: &Command, live: &LiveConfig) -> CommandOutcome {
     match command {
         Command::SetInterval { millis } if *millis > 0 => {
-            live.period_ms.store(u64::from(*millis), Relaxed);
+            live.period_us.store(u64::from(*millis) * 1000, Relaxed);
             CommandOutcome::Done
         }
         Command::SetInterval { .. } => CommandOutcome::Failed,
@@ -582,21 +584,21 @@ mod tests {
 
     #[test]
     fn a_resent_command_is_applied_once() {
-        let live = LiveConfig::new(1000, 16);
+        let live = LiveConfig::new(Duration::from_secs(1), 16);
         let mut applied = std::collections::HashSet::new();
         let set = |ms| Command::SetInterval { millis: ms };
         assert_eq!(
             apply_once(&mut applied, 7, &set(200), &live),
             CommandOutcome::Done
         );
-        live.period_ms.store(1000, Relaxed); // the device changed it back on its own
+        live.period_us.store(1_000_000, Relaxed); // the device changed it back on its own
         assert_eq!(
             apply_once(&mut applied, 7, &set(200), &live),
             CommandOutcome::Duplicate
         );
         assert_eq!(
-            live.period_ms.load(Relaxed),
-            1000,
+            live.period_us.load(Relaxed),
+            1_000_000,
             "the resend changed nothing"
         );
         assert_eq!(
@@ -607,7 +609,7 @@ mod tests {
 
     #[test]
     fn config_pushes_are_checked() {
-        let live = LiveConfig::new(1000, 16);
+        let live = LiveConfig::new(Duration::from_secs(1), 16);
         let ok = DeviceConfig {
             interval_ms: 250,
             batch: 4,

@@ -101,10 +101,7 @@ impl Device {
         );
         let model = SensorModel::new(&mut rng);
         let seq = spec.first_seq;
-        let live = Arc::new(crate::control::LiveConfig::new(
-            b.period.as_millis() as u64,
-            b.batch as u64,
-        ));
+        let live = Arc::new(crate::control::LiveConfig::new(b.period, b.batch as u64));
         let report = DeviceReport {
             id: spec.id.0,
             ..Default::default()
@@ -133,7 +130,7 @@ impl Device {
 
     /// The current sending period (control commands may change it).
     pub(crate) fn period(&self) -> Duration {
-        Duration::from_millis(self.live.period_ms.load(Relaxed).max(1))
+        Duration::from_micros(self.live.period_us.load(Relaxed).max(1))
     }
 
     /// Generates, seals and queues the next datagram. Returns its sequence number when it
@@ -155,7 +152,7 @@ impl Device {
             // `LiveConfig` never stores an empty set; stay safe if that ever changes.
             sensors.push(1);
         }
-        let spacing = self.live.period_ms.load(Relaxed) as f64 / n as f64;
+        let spacing = self.live.period_us.load(Relaxed) as f64 / 1000.0 / n as f64;
         let mut readings = Vec::with_capacity(n);
         for i in 0..n {
             let back = ((n - 1 - i) as f64 * spacing) as u64;

@@ -10,6 +10,8 @@
 //!    send-to-ack latency, gateway CPU and peak RSS, drops by reason. *Sustained* means every
 //!    reading sent was committed (and, with acks, acknowledged on its first transmission) with
 //!    no drop.
+//! 3. One more step per ramp at half the highest rate it committed, where the latency targets
+//!    are checked (`--no-half` skips it).
 //!
 //! Run: `cargo run --release -p e2e --bin ingest-bench -- [--rates 250000,500000] [--acks both]`
 //! `--guard F` is the regression guard of CI: it offers F × the SQLite ceiling with acks on and
@@ -66,6 +68,10 @@ struct Args {
     /// Skip the ceilings.
     #[arg(long)]
     no_ceilings: bool,
+    /// Skip the extra step at half the highest committed rate of each ramp (where the latency
+    /// targets are checked).
+    #[arg(long)]
+    no_half: bool,
     /// Gateway durability setting.
     #[arg(long, default_value = "normal")]
     durability: String,
@@ -148,6 +154,8 @@ struct Results {
     steps: Vec<Step>,
     best_sustained_acks_off: Option<u64>,
     best_sustained_acks_on: Option<u64>,
+    /// A step at half the highest committed rate of each ramp, where the latency targets hold.
+    half_steps: Vec<Step>,
 }
 
 /// Readings of one datagram as a simulated device takes them: `sensors` sensors in turn,
@@ -981,6 +989,54 @@ fn main() -> anyhow::Result<()> {
             .map(|s| s.offered)
             .max()
     };
+    // The latency targets are set at half the highest sustainable rate: measure exactly there,
+    // half of what the best sustained step committed, rather than at the nearest ramp step.
+    let mut half_steps = Vec::new();
+    if !args.no_half {
+        let mut halves = Vec::new();
+        for &acks in ramps {
+            let committed = steps
+                .iter()
+                .filter(|s| s.acks == acks && s.sustained)
+                .map(|s| s.committed_readings_s)
+                .fold(0.0, f64::max);
+            if committed > 0.0 {
+                halves.push((
+                    acks,
+                    ((committed / 2.0 / 1000.0).round() as u64).max(1) * 1000,
+                ));
+            }
+        }
+        if !halves.is_empty() {
+            println!();
+            println!("at half the highest committed rate of each ramp:");
+            print_header();
+        }
+        for (acks, rate) in halves {
+            let s = step(&args, rate, acks)?;
+            print_step(&s);
+            half_steps.push(s);
+        }
+        for s in &half_steps {
+            let commit_ok = s.commit_p99_ms <= 50.0;
+            let ack_ok = s.ack_p99_ms.is_none_or(|a| a <= 100.0);
+            println!(
+                "latency at half, acks {} ({} readings/s): commit p99 {:.1} ms (target 50){}, sustained {}: {}",
+                if s.acks { "on" } else { "off" },
+                s.offered,
+                s.commit_p99_ms,
+                s.ack_p99_ms
+                    .map(|a| format!(", ack p99 {a:.1} ms (target 100)"))
+                    .unwrap_or_default(),
+                if s.sustained { "yes" } else { "no" },
+                if commit_ok && ack_ok && s.sustained {
+                    "met"
+                } else {
+                    "not met"
+                }
+            );
+        }
+    }
     let results = Results {
         machine: machine(),
         devices: args.devices,
@@ -990,6 +1046,7 @@ fn main() -> anyhow::Result<()> {
         best_sustained_acks_off: best(false),
         best_sustained_acks_on: best(true),
         steps,
+        half_steps,
     };
     println!();
     // Memory per device: the peak while sending over the fleet, an upper bound (it includes the
