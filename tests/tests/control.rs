@@ -220,10 +220,21 @@ fn hostile_clients_are_refused_and_cost_little() -> anyhow::Result<()> {
             "4 GiB prefix not closed: {t:?}"
         );
 
-        // 500 connections that never start their handshake.
+        // 500 connections that never start their handshake, and 100 that send a real
+        // ClientHello and then stall (the server has answered; it waits for their Finished).
         let mut stalled = Vec::new();
         for _ in 0..500 {
             stalled.push(tokio::net::TcpStream::connect(addr).await?);
+        }
+        let config = device_sim::control::tls_client(&ca).map_err(anyhow::Error::msg)?;
+        for _ in 0..100 {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            let mut conn = rustls::ClientConnection::new(config.clone(), name)?;
+            let mut hello = Vec::new();
+            conn.write_tls(&mut hello)?;
+            let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.write_all(&hello).await?;
+            stalled.push(tcp);
         }
         // A legitimate device still gets in quickly.
         let t0 = tokio::time::Instant::now();

@@ -703,4 +703,134 @@ mod tests {
         // Negative timestamps land in the right window.
         assert_eq!(window_start(-1, 10_000), -10_000);
     }
+
+    /// The aggregator against a naive recomputation: for any arrival order (in order, slightly
+    /// late, very late), any cadence of `advance` calls and either late policy, the last
+    /// emission of every window holds exactly the statistics of the readings that joined it
+    /// (those the aggregator did not report as dropped), computed from scratch; revisions of a
+    /// window count up from 0 in emission order, one per revised reading; with the drop
+    /// policy every window is emitted once.
+    mod model {
+        use super::super::*;
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        #[derive(Debug, Clone)]
+        struct Arrival {
+            device: u32,
+            sensor: u16,
+            step_ms: i64,
+            lag_ms: i64,
+            value: f64,
+            advance: bool,
+        }
+
+        fn arrival() -> impl Strategy<Value = Arrival> {
+            let lag = prop_oneof![8 => 0i64..50, 2 => 0i64..6_000];
+            (
+                1u32..=3,
+                1u16..=2,
+                0i64..300,
+                lag,
+                -1e3f64..1e3,
+                any::<bool>(),
+            )
+                .prop_map(|(device, sensor, step_ms, lag_ms, value, advance)| {
+                    Arrival {
+                        device,
+                        sensor,
+                        step_ms,
+                        lag_ms,
+                        value,
+                        advance,
+                    }
+                })
+        }
+
+        /// Device, sensor, window start.
+        type WindowId = (u32, u16, i64);
+
+        fn close(a: f64, b: f64) -> bool {
+            (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+            #[test]
+            fn last_emission_equals_naive_recomputation(
+                arrivals in prop::collection::vec(arrival(), 1..300),
+                len in prop_oneof![Just(1_000u64), Just(5_000), Just(60_000)],
+                lateness in 0u64..3_000,
+                revise in any::<bool>(),
+            ) {
+                let late = if revise { LatePolicy::Revise } else { LatePolicy::Drop };
+                let mut a = Aggregator::new(AggregatorConfig {
+                    windows_ms: vec![len],
+                    lateness_ms: lateness,
+                    late,
+                    idle_ms: u64::MAX / 2,
+                    keep_closed_ms: 1 << 40,
+                });
+                let mut out = Vec::new();
+                // Readings that joined each window: (ts, seq, value).
+                let mut joined: BTreeMap<WindowId, Vec<(i64, u64, f64)>> = BTreeMap::new();
+                let mut revised: BTreeMap<WindowId, u32> = BTreeMap::new();
+                let mut clock = 1_000_000i64;
+                for (seq, r) in arrivals.iter().enumerate() {
+                    clock += r.step_ms;
+                    let ts = clock - r.lag_ms;
+                    let sample = Sample {
+                        device: r.device,
+                        sensor: r.sensor,
+                        ts,
+                        seq: seq as u64,
+                        idx: 0,
+                        value: r.value,
+                    };
+                    let key = (r.device, r.sensor, window_start(ts, len));
+                    match a.push(sample, 0, &mut out) {
+                        Pushed::Open => joined.entry(key).or_default().push((ts, seq as u64, r.value)),
+                        Pushed::Revised => {
+                            prop_assert!(revise, "a revision under the drop policy");
+                            joined.entry(key).or_default().push((ts, seq as u64, r.value));
+                            *revised.entry(key).or_default() += 1;
+                        }
+                        Pushed::DroppedLate => {}
+                        Pushed::Ignored => prop_assert!(false, "finite value ignored"),
+                    }
+                    if r.advance {
+                        a.advance_device(r.device, &mut out);
+                    }
+                }
+                a.flush(&mut out);
+                prop_assert_eq!(a.open_windows(), 0);
+
+                let mut emitted: BTreeMap<WindowId, Vec<&Aggregate>> = BTreeMap::new();
+                for e in &out {
+                    prop_assert_eq!(e.window_ms, len);
+                    emitted.entry((e.device, e.sensor, e.start_ms)).or_default().push(e);
+                }
+                prop_assert_eq!(
+                    emitted.keys().collect::<Vec<_>>(),
+                    joined.keys().collect::<Vec<_>>(),
+                    "every window with a reading is emitted, no other"
+                );
+                for (key, readings) in &joined {
+                    let es = &emitted[key];
+                    let revisions: Vec<u32> = es.iter().map(|e| e.revision).collect();
+                    let expected: Vec<u32> = (0..=revised.get(key).copied().unwrap_or(0)).collect();
+                    prop_assert_eq!(revisions, expected, "window {:?}", key);
+                    let last = es[es.len() - 1].stats;
+                    let values: Vec<f64> = readings.iter().map(|r| r.2).collect();
+                    let (min, max, mean, sd) = super::naive(&values);
+                    prop_assert_eq!(last.count, values.len() as u64);
+                    prop_assert_eq!((last.min, last.max), (min, max));
+                    prop_assert!(close(last.mean, mean), "mean {} vs {}", last.mean, mean);
+                    prop_assert!(close(last.stddev(), sd), "sd {} vs {}", last.stddev(), sd);
+                    let newest = readings.iter().max_by_key(|r| (r.0, r.1)).map(|r| r.2);
+                    prop_assert_eq!(Some(last.last), newest);
+                }
+            }
+        }
+    }
 }

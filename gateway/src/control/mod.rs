@@ -86,14 +86,7 @@ pub(crate) struct Shared {
     /// pool, which bounds the memory of a reconnect storm (glibc keeps a burst's freed memory).
     /// Never held while waiting for the device, so a slow device cannot hold it.
     pub start_gate: Semaphore,
-    /// TLS handshakes past their ClientHello in flight at once: enough to keep the cores busy,
-    /// few enough that each finishes well inside the handshake timeout when thousands of
-    /// devices connect at once.
-    pub handshake_gate: Semaphore,
 }
-
-/// Handshakes in flight at once (about 1 ms of CPU each).
-const HANDSHAKE_GATE: usize = 32;
 
 /// Session-start database steps in flight at once (the read pool has a few connections).
 const START_GATE: usize = 8;
@@ -148,7 +141,6 @@ impl ControlServer {
                 per_ip: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 start_gate: Semaphore::new(START_GATE),
-                handshake_gate: Semaphore::new(HANDSHAKE_GATE),
             }),
             limit,
         }

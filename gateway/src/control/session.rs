@@ -196,15 +196,15 @@ async fn tls_accept(
             _ => return failed(),
         },
     };
-    // Then the expensive part (key exchange, signature, the client's Finished) under the
-    // handshake gate, so a reconnect storm runs a few handshakes to completion at a time
-    // instead of starting all of them and timing most of them out.
+    // Then the expensive part: rustls answers the ClientHello (key exchange, certificate
+    // signature) synchronously, right here, before the first await. What follows is waiting
+    // for the client's Finished, which holds nothing shared: a client that stalls after its
+    // ClientHello costs one signature and its connection until the deadline, and cannot hold
+    // up anyone else's handshake.
+    let accept = start.into_stream(acceptor.config().clone());
     let tls = tokio::select! {
         _ = cancel.cancelled() => return None,
-        r = timeout_at(deadline, async {
-            let _slot = shared.handshake_gate.acquire().await;
-            start.into_stream(acceptor.config().clone()).await
-        }) => match r {
+        r = timeout_at(deadline, accept) => match r {
             Ok(Ok(tls)) => tls,
             _ => return failed(),
         },
