@@ -1181,13 +1181,22 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `config check` prints instead of a secret.
+const REDACTED: &str = "<redacted>";
+
 /// `gateway config check`
 ///
 /// # Errors
 /// An invalid configuration.
 pub fn config_check(args: &ServeArgs) -> anyhow::Result<()> {
-    let cfg = args.resolve()?;
-    println!("# configuration is valid; effective settings:");
+    let mut cfg = args.resolve()?;
+    // Secrets are checked but not shown: this output ends up in terminals, logs and tickets.
+    for secret in [&mut cfg.admin.token, &mut cfg.mqtt.password] {
+        if secret.is_some() {
+            *secret = Some(REDACTED.to_owned());
+        }
+    }
+    println!("# configuration is valid; effective settings (secrets redacted):");
     print!("{}", toml::to_string_pretty(&cfg)?);
     Ok(())
 }

@@ -211,6 +211,17 @@ fn config_check_accepts_the_example_and_rejects_typos() -> anyhow::Result<()> {
         "flags override the file: {out}"
     );
     let dir = tempfile::tempdir()?;
+    // Secrets are validated but never printed.
+    let secret = dir.path().join("secret.toml");
+    std::fs::write(
+        &secret,
+        "[admin]\ntoken = \"tok-3f9a-never-shown\"\n[mqtt]\npassword = \"pw-77c1-never-shown\"\n",
+    )?;
+    let out = gateway(&["config", "check", "--config", path(&secret)])?;
+    assert!(
+        !out.contains("never-shown") && out.matches("<redacted>").count() == 2,
+        "secrets shown: {out}"
+    );
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[store]\ndurabilty = \"full\"\n")?;
     let err = gateway_err(&["config", "check", "--config", path(&bad)])?;
@@ -268,5 +279,27 @@ fn demo_runs_and_stores_readings() -> anyhow::Result<()> {
         counter(&stats(&db)?, "drop_replay") + counter(&stats(&db)?, "drop_duplicate"),
         0
     );
+    Ok(())
+}
+
+/// The database holds the device keys: a new one is readable by its owner only, and so are the
+/// WAL and shared-memory files SQLite creates beside it.
+#[test]
+fn a_new_database_is_private_to_its_owner() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    gateway(&["devices", "add", "--db", path(&db)])?;
+    let mut checked = 0;
+    for name in ["gw.db", "gw.db-wal", "gw.db-shm"] {
+        let file = dir.path().join(name);
+        if !file.exists() {
+            continue;
+        }
+        let mode = std::fs::metadata(&file)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        checked += 1;
+    }
+    assert!(checked >= 1, "no database file was created");
     Ok(())
 }

@@ -36,6 +36,14 @@ pub enum StoreError {
     /// A verb that reads was pointed at a file that does not exist.
     #[error("no database at {0} (start the gateway or provision devices first, or pass --db)")]
     Missing(PathBuf),
+    /// The database file could not be created.
+    #[error("cannot create the database file {path}: {source}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// SQLite or the driver failed.
     #[error("database error: {0}")]
     Sqlx(#[from] sqlx::Error),
@@ -169,6 +177,26 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Creates an empty database file readable by its owner only (an empty file is an empty SQLite
+/// database): it holds the device keys. SQLite gives the WAL and shared-memory files the same
+/// mode. An existing file keeps the mode its operator gave it.
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Create {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Store {
     /// Opens (or creates) the database, sets WAL mode and durability, and applies migrations.
     ///
@@ -178,6 +206,9 @@ impl Store {
     pub async fn open(opts: &OpenOptions) -> Result<Store, StoreError> {
         if !opts.create && !opts.path.exists() {
             return Err(StoreError::Missing(opts.path.clone()));
+        }
+        if opts.create {
+            create_private(&opts.path)?;
         }
         let connect = SqliteConnectOptions::from_str("sqlite://")?
             .filename(&opts.path)
