@@ -1,9 +1,10 @@
 //! Simulated fleets of sensor devices that speak the gateway's real protocol.
 //!
 //! [`run`] plays a fleet: each device with its own sensor model, key and sequence counter,
-//! sending at a fixed rate from its own UDP socket (or one shared by a group of devices), injecting faults on demand and, with acks
-//! on, retransmitting what the gateway has not acknowledged. It returns a [`Report`] of what was
-//! sent and acknowledged, per device. The `device-sim` binary and `gateway demo` both use it.
+//! sending at a fixed rate from its own UDP socket (or one shared by a group of devices),
+//! injecting faults on demand and, with acks on, retransmitting what the gateway has not
+//! acknowledged. It returns a [`Report`] of what was sent and acknowledged, per device. The
+//! `device-sim` binary and `gateway demo` both use it.
 //!
 //! # Layout
 //! - [`fleet`] — the fleet file (devices, keys, sequence counters).
@@ -255,7 +256,7 @@ pub async fn run(
     let start = Instant::now();
     let until = cfg.duration.map(|d| start + d);
     let mut set = JoinSet::new();
-    let mut members = Vec::with_capacity(cfg.devices_per_socket);
+    let mut members = Vec::with_capacity(cfg.devices_per_socket.min(count));
     let devices = fleet.devices[..count].iter().zip(&counters).zip(&limits);
     for (n, ((d, next_seq), limit)) in devices.enumerate() {
         let spec = DeviceSpec {

@@ -78,7 +78,7 @@ struct Args {
     #[arg(long, requires = "control")]
     control_plain: bool,
     /// Devices sharing one UDP socket and task. 1 (the default) gives every device its own
-    /// address, as a real fleet has; larger groups let one simulator offer far higher rates.
+    /// address, as a real fleet has; larger groups cost the simulator less per datagram.
     #[arg(long, default_value_t = 1)]
     devices_per_socket: usize,
     /// Write the JSON report here.
