@@ -9,6 +9,7 @@
 //! - `GET|PUT /api/v1/devices/{id}/config`: desired and reported configuration.
 //! - `POST /api/v1/files?name=N&device=ID|all=true`: the body is a file to send to devices.
 //! - `GET /api/v1/transfers?file=ID`: file transfers with their progress.
+//! - `POST /api/v1/devices/{id}/revoke`: revoke a device at once (see [`Revoked`]).
 //!
 //! Emits: `warn` for rejected tokens (rate-limited by nature: each is one request).
 
@@ -49,6 +50,8 @@ pub struct AdminState {
     pub files_dir: std::path::PathBuf,
     /// Largest accepted file.
     pub max_file_size: u64,
+    /// Revocations for the ingest task.
+    pub device_changes: tokio::sync::mpsc::Sender<crate::ingest::DeviceChange>,
 }
 
 /// The token: the configured one, or the one in `file` (created with mode 0600 when missing).
@@ -194,6 +197,52 @@ async fn devices(State(state): State<Arc<AdminState>>) -> Response {
         Ok(rows) => Json(rows).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// What `POST /api/v1/devices/{id}/revoke` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The device.
+    pub device: u32,
+    /// Whether a live control session was closed.
+    pub session_closed: bool,
+}
+
+/// Revokes a device at once: stored first (so a restart keeps it), then its datagrams are
+/// refused by the ingest task and its live session, if any, is closed.
+async fn revoke_device(State(state): State<Arc<AdminState>>, Path(id): Path<u32>) -> Response {
+    let device = DeviceId(id);
+    match state.store.revoke_device(device).await {
+        Ok(true) => {}
+        Ok(false) => return error(StatusCode::NOT_FOUND, format!("no device {id}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+    if state
+        .device_changes
+        .send(crate::ingest::DeviceChange::Revoke(device))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is stopping; the revocation is stored and holds at the next start",
+        );
+    }
+    let session = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&device);
+    let session_closed = session.is_some_and(|s| {
+        s.cancel.cancel();
+        true
+    });
+    tracing::warn!(device = id, session_closed, "device revoked");
+    Json(Revoked {
+        device: id,
+        session_closed,
+    })
+    .into_response()
 }
 
 /// The devices a request names: one existing device, or all of them.
@@ -458,6 +507,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     for (name, v) in [
         ("control_sessions_authenticated", &c.sessions_authenticated),
         ("control_rejected_busy", &c.rejected_busy),
+        ("control_rejected_limited", &c.rejected_limited),
         ("control_rejected_handshake", &c.rejected_handshake),
         ("control_rejected_auth", &c.rejected_auth),
         ("control_sessions_replaced", &c.sessions_replaced),
@@ -489,6 +539,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             "/api/v1/devices/{id}/config",
             get(get_config).put(put_config),
         )
+        .route("/api/v1/devices/{id}/revoke", post(revoke_device))
         .route("/api/v1/files", post(send_file))
         .route("/api/v1/transfers", get(list_transfers))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -14,6 +14,7 @@ use futures_util::TryStreamExt;
 use crate::config::{Config, Durability, default_db};
 use crate::store::query::{ReadingRow, ReadingsFilter};
 use crate::store::{DeviceRow, OpenOptions, Store};
+use proto::DeviceId;
 
 /// Edge gateway for sensor telemetry: authenticated UDP in, SQLite on disk.
 #[derive(Debug, Parser)]
@@ -379,6 +380,21 @@ impl AdminArgs {
     }
 }
 
+/// Revokes through the running gateway; None when no gateway answers at the admin address.
+fn revoke_online(admin: &AdminArgs, id: u32) -> anyhow::Result<Option<crate::admin::Revoked>> {
+    let sent = admin
+        .agent()
+        .post(&admin.url(&format!("/api/v1/devices/{id}/revoke")))
+        .header("Authorization", &format!("Bearer {}", admin.token()?))
+        .send_empty();
+    match sent {
+        Err(ureq::Error::Io(e)) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
+        Err(ureq::Error::ConnectionFailed) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reaching the gateway at {}", admin.admin)),
+        Ok(resp) => Ok(Some(serde_json::from_str(&answer(resp)?)?)),
+    }
+}
+
 /// `gateway commands ...`
 #[derive(Debug, Subcommand)]
 pub enum CommandsCommand {
@@ -710,6 +726,16 @@ pub enum DevicesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Revoke a device at once: its datagrams and control sessions are refused from now on
+    /// (its live session is closed); its stored readings stay. Through the running gateway's
+    /// admin API; when no gateway answers there, stored in the database and in force from the
+    /// gateway's next start (new sessions are refused at once either way).
+    Revoke {
+        /// The device.
+        id: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List devices with their counts (keys are never shown).
     List {
         /// Output format.
@@ -895,6 +921,35 @@ pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
             })
             .await??;
         }
+        DevicesCommand::Revoke { id, admin } => {
+            drop(out);
+            let db = admin.db.db.clone();
+            let online = tokio::task::spawn_blocking(move || revoke_online(&admin, id)).await??;
+            match online {
+                Some(r) => println!(
+                    "device {id} revoked: its datagrams and sessions are refused from now on{}",
+                    if r.session_closed {
+                        "; its live session was closed"
+                    } else {
+                        ""
+                    }
+                ),
+                None => {
+                    let store = Store::open(&OpenOptions::cli(&db, false)).await?;
+                    let found = store.revoke_device(DeviceId(id)).await?;
+                    store.close().await;
+                    if !found {
+                        bail!("no device {id} in {}", db.display());
+                    }
+                    println!(
+                        "no gateway answered at its admin address: device {id} is revoked in {} \
+                         (new sessions are refused at once; a running gateway refuses its \
+                         datagrams from its next start)",
+                        db.display()
+                    );
+                }
+            }
+        }
         DevicesCommand::List { format, db } => {
             let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
             let rows = store.list_devices().await?;
@@ -1027,7 +1082,13 @@ fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -
                     "{:>10}  {:<20}  {:<7}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
                     r.id,
                     r.name,
-                    if r.online { "online" } else { "offline" },
+                    if r.revoked_ms.is_some() {
+                        "revoked"
+                    } else if r.online {
+                        "online"
+                    } else {
+                        "offline"
+                    },
                     r.datagrams,
                     r.readings,
                     r.lost,

@@ -3,7 +3,7 @@
 //! beyond reading the file.
 
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -263,6 +263,15 @@ pub struct TelemetryConfig {
     /// Default 8 MiB. The kernel may cap it (net.core.rmem_max); the gateway logs what it got.
     #[serde(default = "default_recv_buffer")]
     pub recv_buffer: usize,
+    /// Failed authentications (wrong tag; replays from another address than the device's)
+    /// allowed per source address and second after the burst; past that the source's datagrams
+    /// are dropped unchecked as `auth_limited` until it is back under the rate. 0 turns the
+    /// limit off. Default 100.
+    #[serde(default = "default_udp_auth_rate")]
+    pub auth_failures_per_s: u32,
+    /// Failed authentications a source may have at once before the rate applies. Default 1,000.
+    #[serde(default = "default_udp_auth_burst")]
+    pub auth_failures_burst: NonZeroU32,
 }
 
 /// TCP control session settings.
@@ -301,6 +310,28 @@ pub struct ControlConfig {
     /// Largest file `gateway files send` accepts, in bytes. Default 64 MiB.
     #[serde(default = "default_max_file")]
     pub max_file_size: u64,
+    /// Failed connections (TLS failures, handshake timeouts, bad frames or proofs before
+    /// authentication) allowed per source address and second after the burst; past that the
+    /// source's connections are closed at accept until it is back under the rate. 0 turns the
+    /// limit off. Default 10.
+    #[serde(default = "default_control_auth_rate")]
+    pub auth_failures_per_s: u32,
+    /// Failed connections a source may have at once before the rate applies. Default 100.
+    #[serde(default = "default_control_auth_burst")]
+    pub auth_failures_burst: NonZeroU32,
+}
+
+fn default_udp_auth_rate() -> u32 {
+    100
+}
+fn default_udp_auth_burst() -> NonZeroU32 {
+    NonZeroU32::new(1000).unwrap_or(NonZeroU32::MIN)
+}
+fn default_control_auth_rate() -> u32 {
+    10
+}
+fn default_control_auth_burst() -> NonZeroU32 {
+    NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN)
 }
 
 fn default_max_file() -> u64 {
@@ -383,6 +414,8 @@ impl Default for ControlConfig {
             heartbeat: default_heartbeat(),
             missed_heartbeats: default_missed(),
             max_file_size: default_max_file(),
+            auth_failures_per_s: default_control_auth_rate(),
+            auth_failures_burst: default_control_auth_burst(),
         }
     }
 }
@@ -508,6 +541,8 @@ impl Default for TelemetryConfig {
             listen: default_listen(),
             queue: default_queue(),
             recv_buffer: default_recv_buffer(),
+            auth_failures_per_s: default_udp_auth_rate(),
+            auth_failures_burst: default_udp_auth_burst(),
         }
     }
 }

@@ -36,11 +36,16 @@ pub enum DropReason {
     /// The kernel dropped it before the gateway read it: the socket's receive buffer was full.
     /// Counted from the socket's drop counter, once per stats interval.
     Kernel,
+    /// Its source address is limited for failed authentications (`crate::limit`): dropped
+    /// before any check.
+    AuthLimited,
+    /// The device is revoked (`gateway devices revoke`).
+    Revoked,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::TooShort,
         DropReason::TooLong,
         DropReason::BadVersion,
@@ -52,6 +57,8 @@ impl DropReason {
         DropReason::Duplicate,
         DropReason::QueueFull,
         DropReason::Kernel,
+        DropReason::AuthLimited,
+        DropReason::Revoked,
     ];
 
     /// The counter name, `drop_<reason>`.
@@ -68,6 +75,8 @@ impl DropReason {
             DropReason::Duplicate => "drop_duplicate",
             DropReason::QueueFull => "drop_queue_full",
             DropReason::Kernel => "drop_kernel",
+            DropReason::AuthLimited => "drop_auth_limited",
+            DropReason::Revoked => "drop_revoked",
         }
     }
 

@@ -30,6 +30,7 @@ pub mod control;
 pub mod demo;
 pub mod events;
 pub mod ingest;
+pub mod limit;
 pub mod memory;
 pub mod mqtt;
 pub mod replay;
@@ -233,6 +234,7 @@ impl Gateway {
             }
             None => tracing::info!("this system does not show socket drops: drop_kernel stays 0"),
         }
+        let (device_changes, device_changes_rx) = mpsc::channel(64);
         let listener = ingest::Listener::new(
             socket,
             tx,
@@ -241,7 +243,12 @@ impl Gateway {
             store.clone(),
             cfg.service.stats_interval,
             tracker.clone(),
-        );
+        )
+        .with_auth_limit(limit::from_settings(
+            cfg.telemetry.auth_failures_per_s,
+            cfg.telemetry.auth_failures_burst,
+        ))
+        .with_changes(device_changes_rx);
         tracker.spawn(listener.run(cancel.clone()));
         let (presence_tx, presence_rx) = mpsc::channel(4096);
         tracker.spawn(control::presence::run(store.clone(), presence_rx));
@@ -293,6 +300,7 @@ impl Gateway {
             token,
             files_dir: cfg.files_dir(),
             max_file_size: cfg.control.max_file_size,
+            device_changes,
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

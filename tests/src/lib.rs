@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+pub mod flood;
 pub mod mqtt;
 
 use anyhow::{Context, bail};
@@ -123,6 +124,14 @@ impl TestGateway {
     /// # Errors
     /// When it fails to start or does not announce its address within 30 s.
     pub fn start(db: &Path, extra: &[&str]) -> anyhow::Result<TestGateway> {
+        Self::start_on(db, "127.0.0.1:0", extra)
+    }
+
+    /// As [`TestGateway::start`], with telemetry on `udp` (to restart on the same port).
+    ///
+    /// # Errors
+    /// When it fails to start or does not announce its address within 30 s.
+    pub fn start_on(db: &Path, udp: &str, extra: &[&str]) -> anyhow::Result<TestGateway> {
         let log = db.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -132,7 +141,7 @@ impl TestGateway {
             .args([
                 "serve",
                 "--udp",
-                "127.0.0.1:0",
+                udp,
                 "--control",
                 "127.0.0.1:0",
                 "--admin",

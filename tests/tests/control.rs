@@ -484,3 +484,213 @@ fn session_limits_and_admin_auth() -> anyhow::Result<()> {
     gw.stop()?;
     Ok(())
 }
+
+/// A plain TCP connection from `from` (another loopback address) to `to`.
+async fn connect_from(
+    from: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    Ok(socket.connect(to).await?)
+}
+
+/// The admin API's metrics text.
+fn metrics(admin: std::net::SocketAddr, token_file: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let token = std::fs::read_to_string(token_file)?;
+    let mut s = std::net::TcpStream::connect(admin)?;
+    s.write_all(
+        format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A source that fails more connections than its budget is closed at accept, without TLS,
+/// until it is back under the rate; a device from another address is not affected and still
+/// gets in within a second.
+#[test]
+fn a_source_failing_too_often_is_limited_and_no_one_else() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 1)?;
+    let cfg = config_file(
+        dir.path(),
+        "[control]\nauth_failures_per_s = 1\nauth_failures_burst = 5\n",
+    )?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let token = dir.path().join("admin.token");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet)?;
+    let (id, key) = (fleet.devices[0].device_id(), fleet.devices[0].device_key()?);
+    let hostile: std::net::IpAddr = [127, 0, 0, 2].into();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        // Twenty connections that speak garbage instead of TLS: each fails its handshake.
+        for _ in 0..20 {
+            let mut c = connect_from(hostile, gw.control).await?;
+            c.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
+            assert!(closed_within(&mut c, Duration::from_secs(3)).await);
+        }
+        let m = metrics(gw.admin, &token)?;
+        let failed = metric(&m, "gateway_control_rejected_handshake_total");
+        let limited = metric(&m, "gateway_control_rejected_limited_total");
+        // Five fail within the burst (plus at most one refilled); the rest never reach TLS.
+        assert!((5..=8).contains(&failed), "handshake failures {failed}");
+        assert_eq!(failed + limited, 20, "{m}");
+        // Still limited: closed at once, before any TLS.
+        let mut c = connect_from(hostile, gw.control).await?;
+        assert!(closed_within(&mut c, Duration::from_millis(500)).await);
+        // A device from another address gets in at once.
+        let t0 = tokio::time::Instant::now();
+        let mut dev = Client::connect(gw.control, &ca).await?;
+        let nonce = [3u8; 16];
+        let ok = dev
+            .handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        assert!(matches!(ok, Some(GatewayMsg::Welcome { .. })), "{ok:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "took {:?}",
+            t0.elapsed()
+        );
+        anyhow::Ok(())
+    })?;
+    // The limit ends: at 1 failure a second the hostile address is let in again (its TLS
+    // handshake is served) within a few seconds of its last failure.
+    let config = device_sim::control::tls_client(&ca).map_err(anyhow::Error::msg)?;
+    wait_until(
+        Duration::from_secs(10),
+        "the hostile address let in again",
+        || {
+            rt.block_on(async {
+                let tcp = connect_from(hostile, gw.control).await?;
+                let name = rustls::pki_types::ServerName::try_from("localhost")?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, tcp)
+                    .await;
+                anyhow::Ok(tls.is_ok())
+            })
+        },
+    )?;
+    gw.stop()?;
+    Ok(())
+}
+
+/// `gateway devices revoke ID` through the running gateway: the device's live session is closed,
+/// a new one is denied, its datagrams are dropped as `revoked` and never acked, while another
+/// device carries on; after a restart the revocation still holds.
+#[test]
+fn a_revoked_device_is_refused_at_once_and_after_a_restart() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet_path = provision(dir.path(), &db, 2)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet_path)?;
+    let (id, key) = (fleet.devices[0].device_id(), fleet.devices[0].device_key()?);
+    let revoked = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    let other = RawDevice::new(&fleet_path, 1, gw.udp)?;
+    revoked.send_acked(&revoked.datagram(0, 3), 0)?;
+    other.send_acked(&other.datagram(0, 3), 0)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nonce = [7u8; 16];
+    let mut session = rt.block_on(async {
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let ok = c
+            .handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        anyhow::ensure!(matches!(ok, Some(GatewayMsg::Welcome { .. })), "{ok:?}");
+        anyhow::Ok(c)
+    })?;
+    let out = gateway(&[
+        "devices",
+        "revoke",
+        &id.0.to_string(),
+        "--admin",
+        &gw.admin.to_string(),
+        "--db",
+        path(&db),
+    ])?;
+    assert!(out.contains("live session was closed"), "{out}");
+    rt.block_on(async {
+        // The live session ends (what was in flight before the close may still arrive).
+        let end = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match session.recv().await {
+                    Ok(Some(_)) => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await;
+        assert!(
+            matches!(end, Ok(Ok(None)) | Ok(Err(_))),
+            "session not closed: {end:?}"
+        );
+        let mut again = Client::connect(gw.control, &ca).await?;
+        let answer = again
+            .handshake(id, nonce, |s, b| auth_proof(&key, id, &nonce, &s, &b))
+            .await?;
+        assert_eq!(
+            answer,
+            Some(GatewayMsg::Denied {
+                reason: DenyReason::AuthFailed
+            })
+        );
+        anyhow::Ok(())
+    })?;
+    // Datagrams of the revoked device are not acked; the other device's still are.
+    revoked
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(300)))?;
+    assert!(revoked.send_acked(&revoked.datagram(1, 3), 1).is_err());
+    other.send_acked(&other.datagram(1, 3), 1)?;
+    gw.stop()?;
+    let s = stats(&db)?;
+    assert_eq!(counter(&s, "drop_revoked"), 1);
+    // After a restart it is still refused.
+    let gw = TestGateway::start(&db, &[])?;
+    let revoked = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    revoked
+        .socket
+        .set_read_timeout(Some(Duration::from_millis(300)))?;
+    assert!(revoked.send_acked(&revoked.datagram(2, 3), 2).is_err());
+    let other = RawDevice::new(&fleet_path, 1, gw.udp)?;
+    other.send_acked(&other.datagram(2, 3), 2)?;
+    gw.stop()?;
+    let s = stats(&db)?;
+    assert_eq!(
+        counter(&s, "drop_revoked"),
+        2,
+        "counters persist across runs"
+    );
+    let stored = query_all(&db)?;
+    let of = |d: u32| stored.keys().filter(|k| k.0 == d).count();
+    assert_eq!(of(id.0), 3, "only the datagram before the revocation");
+    assert_eq!(of(fleet.devices[1].id), 9);
+    let list = gateway(&["devices", "list", "--db", path(&db)])?;
+    assert!(list.contains("revoked"), "{list}");
+    // Revoking an unknown device is an error, not a silent success.
+    let err = gateway(&["devices", "revoke", "999", "--db", path(&db)]).unwrap_err();
+    assert!(err.to_string().contains("no device 999"), "{err}");
+    Ok(())
+}

@@ -231,7 +231,9 @@ fn garbage_and_forgeries_are_dropped_silently() -> anyhow::Result<()> {
     let fleet = provision(dir.path(), &db, 5)?;
     let gw = TestGateway::start(&db, &[])?;
     let probe = RawDevice::new(&fleet, 0, gw.udp)?;
-    let attacker = UdpSocket::bind("127.0.0.1:0")?;
+    // The attacker has an address of its own: its failed authentications get it limited
+    // (telemetry.auth_failures_*), which must not touch the probe's address.
+    let attacker = UdpSocket::bind("127.0.0.2:0")?;
     attacker.set_nonblocking(true)?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
     let mut probe_seq = 0u64;
@@ -287,7 +289,18 @@ fn garbage_and_forgeries_are_dropped_silently() -> anyhow::Result<()> {
         .sum();
     assert_eq!(drops, 110_000, "every bad datagram counted");
     assert_eq!(counter(&s, "datagrams_accepted"), probe_seq);
-    assert!(counter(&s, "drop_bad_tag") >= 10_000);
+    // The forgeries: checked and refused until the attacker's burst of failures (1,000) is
+    // spent, then dropped unchecked; the probe, from another address, was never limited.
+    let (bad_tag, limited) = (
+        counter(&s, "drop_bad_tag"),
+        counter(&s, "drop_auth_limited"),
+    );
+    assert!(bad_tag >= 1000, "bad_tag {bad_tag}");
+    assert!(limited > 0, "the attacker was never limited");
+    assert!(
+        bad_tag + limited >= 10_000,
+        "bad_tag {bad_tag} auth_limited {limited}"
+    );
     Ok(())
 }
 

@@ -2,7 +2,8 @@
 //! with the challenge-response of `proto::control`, keeps one live session per device, answers
 //! heartbeats and reports presence. Commands, configuration and files ride on the same sessions.
 //!
-//! Limits: a global session semaphore, a per-source-address count, a deadline on TLS handshake
+//! Limits: a global session semaphore, a per-source-address count, a per-source-address budget
+//! of failed connections ([`crate::limit`]), a deadline on TLS handshake
 //! plus authentication together, a read deadline of `heartbeat × missed_heartbeats` afterwards,
 //! and a maximum frame size checked on the length prefix before the body is buffered. A
 //! connection over a limit is closed at once; one connection's slowness never delays another
@@ -29,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ControlConfig;
 use crate::control::presence::Presence;
+use crate::limit::AuthLimiter;
 use crate::store::Store;
 
 /// Counters of the control server.
@@ -42,6 +44,8 @@ pub struct ControlCounters {
     pub rejected_handshake: AtomicU64,
     /// Authentications that failed (unknown device or wrong proof).
     pub rejected_auth: AtomicU64,
+    /// Connections closed at accept because their source is limited for failed connections.
+    pub rejected_limited: AtomicU64,
     /// Sessions replaced by a newer one of the same device.
     pub sessions_replaced: AtomicU64,
     /// Accepted connections that have ended, at any stage (handshake, authentication, session).
@@ -86,6 +90,33 @@ pub(crate) struct Shared {
     /// pool, which bounds the memory of a reconnect storm (glibc keeps a burst's freed memory).
     /// Never held while waiting for the device, so a slow device cannot hold it.
     pub start_gate: Semaphore,
+    /// Failed connections per source address (None: no limit).
+    pub auth_limit: Option<Mutex<AuthLimiter>>,
+}
+
+impl Shared {
+    /// Counts a connection from `ip` that failed before authenticating (TLS, timeout, frames,
+    /// proof) against its source's budget.
+    pub(crate) fn auth_failed(&self, ip: IpAddr) {
+        if let Some(limit) = &self.auth_limit {
+            let limited = limit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .failed(ip, tokio::time::Instant::now());
+            if limited {
+                tracing::debug!(source = %ip, "source limited for failed connections");
+            }
+        }
+    }
+
+    fn is_limited(&self, ip: IpAddr) -> bool {
+        self.auth_limit.as_ref().is_some_and(|limit| {
+            limit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_limited(ip, tokio::time::Instant::now())
+        })
+    }
 }
 
 /// Session-start database steps in flight at once (the read pool has a few connections).
@@ -129,6 +160,7 @@ impl ControlServer {
         registry: Registry,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_sessions.get()));
+        let cfg_limit = (cfg.auth_failures_per_s, cfg.auth_failures_burst);
         Self {
             listener,
             acceptor: tls.map(tokio_rustls::TlsAcceptor::from),
@@ -141,6 +173,7 @@ impl ControlServer {
                 per_ip: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 start_gate: Semaphore::new(START_GATE),
+                auth_limit: crate::limit::from_settings(cfg_limit.0, cfg_limit.1).map(Mutex::new),
             }),
             limit,
         }
@@ -148,9 +181,20 @@ impl ControlServer {
 
     /// Accepts until `cancel` fires; sessions run as tracked tasks with child tokens.
     pub async fn run(self, cancel: CancellationToken, tracker: TaskTracker) {
+        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (stream, peer) = tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = sweep.tick() => {
+                    if let Some(limit) = &self.shared.auth_limit {
+                        limit
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .sweep(tokio::time::Instant::now());
+                    }
+                    continue;
+                }
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(error) => {
@@ -161,6 +205,11 @@ impl ControlServer {
                     }
                 },
             };
+            // A limited source costs an accept and a close: no TLS, no task, no slot.
+            if self.shared.is_limited(peer.ip()) {
+                self.shared.counters.rejected_limited.fetch_add(1, Relaxed);
+                continue;
+            }
             let Ok(permit) = self.limit.clone().try_acquire_owned() else {
                 self.shared.counters.rejected_busy.fetch_add(1, Relaxed);
                 continue; // dropping the stream closes it

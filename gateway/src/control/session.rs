@@ -144,8 +144,10 @@ pub(crate) async fn serve(
             // The TLS state is boxed and the handshake runs in its own (boxed) future: inline,
             // the state would also be laid out in this future beside the session's, and every
             // idle session keeps this future for its whole life.
-            let Some((tls, binding)) =
-                Box::pin(tls_accept(stream, acceptor, deadline, shared, &cancel)).await
+            let Some((tls, binding)) = Box::pin(tls_accept(
+                stream, peer, acceptor, deadline, shared, &cancel,
+            ))
+            .await
             else {
                 return;
             };
@@ -177,6 +179,7 @@ pub(crate) async fn serve(
 /// or timed out (counted) or the gateway is stopping.
 async fn tls_accept(
     stream: TcpStream,
+    peer: SocketAddr,
     acceptor: tokio_rustls::TlsAcceptor,
     deadline: Instant,
     shared: &Shared,
@@ -184,6 +187,7 @@ async fn tls_accept(
 ) -> Option<(Box<tokio_rustls::server::TlsStream<TcpStream>>, [u8; 32])> {
     let failed = || {
         shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        shared.auth_failed(peer.ip());
         None
     };
     // First the whole ClientHello, which costs us nothing but a read buffer; a connection that
@@ -231,6 +235,7 @@ async fn gated<T>(shared: &Shared, step: impl std::future::Future<Output = T>) -
 /// Authenticates; returns the device or None (already counted and answered).
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
+    peer: SocketAddr,
     binding: &[u8],
     shared: &Shared,
 ) -> Option<DeviceId> {
@@ -240,6 +245,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     })) = conn.read().await
     else {
         shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        shared.auth_failed(peer.ip());
         return None;
     };
     let mut server_nonce = [0u8; 32];
@@ -249,6 +255,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         .ok()?;
     let Ok(Some(DeviceMsg::Auth { proof })) = conn.read().await else {
         shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+        shared.auth_failed(peer.ip());
         return None;
     };
     let key = gated(shared, shared.store.device_key(device))
@@ -260,6 +267,7 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     });
     if !ok {
         shared.counters.rejected_auth.fetch_add(1, Relaxed);
+        shared.auth_failed(peer.ip());
         let _ = conn
             .write(&GatewayMsg::Denied {
                 reason: DenyReason::AuthFailed,
@@ -280,11 +288,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let device = tokio::select! {
         _ = cancel.cancelled() => return,
-        r = timeout_at(deadline, Box::pin(authenticate(&mut conn, binding, shared))) => match r {
+        r = timeout_at(deadline, Box::pin(authenticate(&mut conn, peer, binding, shared))) => match r {
             Ok(Some(device)) => device,
             Ok(None) => return,
             Err(_) => {
                 shared.counters.rejected_handshake.fetch_add(1, Relaxed);
+                shared.auth_failed(peer.ip());
                 return;
             }
         },

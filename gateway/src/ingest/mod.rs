@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{Counters, DropLog, DropReason};
+use crate::limit::AuthLimiter;
 use crate::replay::{ReplayWindow, Verdict};
 use crate::store::writer::{Accepted, Item};
 use crate::store::{DeviceState, Store};
@@ -43,6 +44,26 @@ struct Device {
     window: ReplayWindow,
     /// Rejected datagrams not yet reported to the writer.
     rejected: u64,
+    /// Where its newest accepted datagram came from: duplicates are re-acked only there.
+    last_peer: Option<SocketAddr>,
+}
+
+impl Device {
+    fn new(d: DeviceState) -> Self {
+        Self {
+            cipher: d.key.cipher(),
+            window: d.window,
+            rejected: 0,
+            last_peer: None,
+        }
+    }
+}
+
+/// Changes to devices that the ingest task applies at once (sent by the admin API).
+#[derive(Debug)]
+pub enum DeviceChange {
+    /// Refuse the device's datagrams from now on (counted as `revoked`).
+    Revoke(DeviceId),
 }
 
 /// The ingest task.
@@ -54,6 +75,12 @@ pub struct Listener {
     store: Store,
     report_every: Duration,
     tracker: TaskTracker,
+    limiter: Option<AuthLimiter>,
+    /// Revoked devices: their datagrams are dropped without a reload of the device table.
+    revoked: std::collections::HashSet<DeviceId>,
+    changes: Option<mpsc::Receiver<DeviceChange>>,
+    /// When a source was last logged as limited (at most one such line per [`DROP_LOG_EVERY`]).
+    limited_logged: Option<tokio::time::Instant>,
 }
 
 impl Listener {
@@ -67,18 +94,11 @@ impl Listener {
         report_every: Duration,
         tracker: TaskTracker,
     ) -> Self {
+        let revoked = devices.iter().filter(|d| d.revoked).map(|d| d.id).collect();
         let devices = devices
             .into_iter()
-            .map(|d| {
-                (
-                    d.id,
-                    Device {
-                        cipher: d.key.cipher(),
-                        window: d.window,
-                        rejected: 0,
-                    },
-                )
-            })
+            .filter(|d| !d.revoked)
+            .map(|d| (d.id, Device::new(d)))
             .collect();
         Self {
             socket,
@@ -88,6 +108,52 @@ impl Listener {
             store,
             report_every,
             tracker,
+            limiter: None,
+            revoked,
+            changes: None,
+            limited_logged: None,
+        }
+    }
+
+    /// Takes device changes (revocations) from `rx`.
+    pub fn with_changes(mut self, rx: mpsc::Receiver<DeviceChange>) -> Self {
+        self.changes = Some(rx);
+        self
+    }
+
+    fn apply(&mut self, change: DeviceChange) {
+        match change {
+            DeviceChange::Revoke(id) => {
+                self.devices.remove(&id);
+                self.revoked.insert(id);
+                tracing::info!(device = id.0, "device revoked: its datagrams are refused");
+            }
+        }
+    }
+
+    /// Limits failed authentications per source address (see [`crate::limit`]).
+    pub fn with_auth_limit(mut self, limiter: Option<AuthLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Counts a failed authentication from `peer` against its source's budget.
+    fn auth_failed(&mut self, peer: SocketAddr) {
+        let Some(limiter) = self.limiter.as_mut() else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        if limiter.failed(peer.ip(), now)
+            && self
+                .limited_logged
+                .is_none_or(|t| now.duration_since(t) >= DROP_LOG_EVERY)
+        {
+            self.limited_logged = Some(now);
+            tracing::warn!(
+                source = %peer.ip(),
+                limited_sources = limiter.limited_sources(),
+                "source limited for failed authentications: its datagrams are dropped unchecked"
+            );
         }
     }
 
@@ -114,8 +180,17 @@ impl Listener {
                     reloading = false;
                     self.add_devices(states);
                 }
+                Some(change) = async {
+                    match self.changes.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.apply(change),
                 _ = report.tick() => {
                     self.report_rejected();
+                    if let Some(limiter) = self.limiter.as_mut() {
+                        limiter.sweep(tokio::time::Instant::now());
+                    }
                     drop_log.maybe_log(&self.counters, Instant::now());
                 }
                 r = self.socket.recv_from(&mut buf) => {
@@ -176,13 +251,15 @@ impl Listener {
     fn add_devices(&mut self, states: Vec<DeviceState>) {
         let mut added = 0;
         for d in states {
+            if d.revoked {
+                if self.revoked.insert(d.id) {
+                    self.devices.remove(&d.id);
+                }
+                continue;
+            }
             self.devices.entry(d.id).or_insert_with(|| {
                 added += 1;
-                Device {
-                    cipher: d.key.cipher(),
-                    window: d.window,
-                    rejected: 0,
-                }
+                Device::new(d)
             });
         }
         if added > 0 {
@@ -212,6 +289,12 @@ impl Listener {
     fn handle(&mut self, datagram: &mut [u8], peer: SocketAddr) -> bool {
         let received = Instant::now();
         self.counters.datagrams_received.fetch_add(1, Relaxed);
+        if let Some(limiter) = self.limiter.as_mut()
+            && limiter.is_limited(peer.ip(), tokio::time::Instant::now())
+        {
+            self.counters.dropped(DropReason::AuthLimited);
+            return false;
+        }
         let header = match Header::peek(datagram) {
             Ok(h) => h,
             Err(e) => {
@@ -220,6 +303,10 @@ impl Listener {
             }
         };
         let Some(device) = self.devices.get_mut(&header.device) else {
+            if self.revoked.contains(&header.device) {
+                self.counters.dropped(DropReason::Revoked);
+                return false;
+            }
             self.counters.dropped(DropReason::UnknownDevice);
             return true;
         };
@@ -228,6 +315,9 @@ impl Listener {
             Err(e) => {
                 device.rejected += 1;
                 self.counters.dropped(DropReason::from(&e));
+                if e == DecodeError::BadTag {
+                    self.auth_failed(peer);
+                }
                 return false;
             }
         };
@@ -251,10 +341,20 @@ impl Listener {
             Verdict::TooOld => {
                 device.rejected += 1;
                 self.counters.dropped(DropReason::Replay);
+                if device.last_peer != Some(peer) {
+                    self.auth_failed(peer);
+                }
             }
             Verdict::Duplicate => {
                 device.rejected += 1;
                 self.counters.dropped(DropReason::Duplicate);
+                // Re-acked only to where the device's newest datagram came from (or anywhere
+                // until it has sent one since the start): a captured datagram replayed from
+                // elsewhere gets no answer, and counts as a failed authentication there.
+                if device.last_peer.is_some_and(|p| p != peer) {
+                    self.auth_failed(peer);
+                    return false;
+                }
                 // The original is committed or queued ahead of this: ack after it commits.
                 // If the queue is full the device simply retransmits later.
                 if let Some(ack) = ack() {
@@ -273,6 +373,7 @@ impl Listener {
                 match self.tx.try_send(item) {
                     Ok(()) => {
                         device.window.mark(header.seq.0);
+                        device.last_peer = Some(peer);
                         self.counters.datagrams_accepted.fetch_add(1, Relaxed);
                     }
                     // Closed happens only during shutdown. Either way the datagram is not acked

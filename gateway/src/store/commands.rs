@@ -356,14 +356,15 @@ impl Store {
         Ok(rows)
     }
 
-    /// Ids of every device.
+    /// Ids of every device not revoked.
     ///
     /// # Errors
     /// Driver errors.
     pub async fn device_ids(&self) -> Result<Vec<DeviceId>, StoreError> {
-        let rows: Vec<(i64,)> = sqlx::query_as("SELECT id FROM devices ORDER BY id")
-            .fetch_all(self.pool())
-            .await?;
+        let rows: Vec<(i64,)> =
+            sqlx::query_as("SELECT id FROM devices WHERE revoked_ms IS NULL ORDER BY id")
+                .fetch_all(self.pool())
+                .await?;
         Ok(rows.into_iter().map(|(id,)| DeviceId(id as u32)).collect())
     }
 }

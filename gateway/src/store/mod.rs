@@ -107,6 +107,8 @@ pub struct DeviceState {
     pub key: DeviceKey,
     /// Committed replay window.
     pub window: ReplayWindow,
+    /// Revoked: its datagrams are refused.
+    pub revoked: bool,
 }
 
 /// A device as `gateway devices list` shows it.
@@ -132,6 +134,9 @@ pub struct DeviceRow {
     pub online: bool,
     /// Last frame on its control session, ms since the epoch.
     pub control_seen_ms: Option<i64>,
+    /// When it was revoked, ms since the epoch (its key is refused on both channels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revoked_ms: Option<i64>,
 }
 
 /// Handle to the database. Cheap to clone.
@@ -436,10 +441,11 @@ impl Store {
             rejected: i64,
             online: bool,
             control_seen_ms: Option<i64>,
+            revoked_ms: Option<i64>,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, name, created_ms, last_seen_ms, datagrams, readings, first_seq, \
-             max_seq, rejected, online, control_seen_ms FROM devices ORDER BY id",
+             max_seq, rejected, online, control_seen_ms, revoked_ms FROM devices ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -465,6 +471,7 @@ impl Store {
                     rejected: r.rejected,
                     online: r.online,
                     control_seen_ms: r.control_seen_ms,
+                    revoked_ms: r.revoked_ms,
                 }
             })
             .collect())
@@ -475,12 +482,13 @@ impl Store {
     /// # Errors
     /// Driver errors, [`StoreError::Corrupt`] for a key or window of the wrong size.
     pub async fn device_states(&self) -> Result<Vec<DeviceState>, StoreError> {
-        type Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>);
-        let rows: Vec<Row> = sqlx::query_as("SELECT id, key, max_seq, window FROM devices")
-            .fetch_all(&self.pool)
-            .await?;
+        type Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>, bool);
+        let rows: Vec<Row> =
+            sqlx::query_as("SELECT id, key, max_seq, window, revoked_ms IS NOT NULL FROM devices")
+                .fetch_all(&self.pool)
+                .await?;
         rows.into_iter()
-            .map(|(id, key, max, window)| {
+            .map(|(id, key, max, window, revoked)| {
                 let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt {
                     table: "devices",
                     reason: "key is not 32 bytes",
@@ -498,20 +506,22 @@ impl Store {
                     id: DeviceId(id as u32),
                     key: DeviceKey(key),
                     window: ReplayWindow::from_parts(max.map(|m| m as u64), bits),
+                    revoked,
                 })
             })
             .collect()
     }
 
-    /// The key of one device, if it exists.
+    /// The key of one device, if it exists and is not revoked.
     ///
     /// # Errors
     /// Driver errors, [`StoreError::Corrupt`] for a key of the wrong size.
     pub async fn device_key(&self, id: DeviceId) -> Result<Option<DeviceKey>, StoreError> {
-        let row: Option<(Vec<u8>,)> = sqlx::query_as("SELECT key FROM devices WHERE id = ?")
-            .bind(i64::from(id.0))
-            .fetch_optional(&self.pool)
-            .await?;
+        let row: Option<(Vec<u8>,)> =
+            sqlx::query_as("SELECT key FROM devices WHERE id = ? AND revoked_ms IS NULL")
+                .bind(i64::from(id.0))
+                .fetch_optional(&self.pool)
+                .await?;
         row.map(|(key,)| {
             key.try_into()
                 .map(DeviceKey)
@@ -521,6 +531,21 @@ impl Store {
                 })
         })
         .transpose()
+    }
+
+    /// Revokes a device: from now on its key is refused on both channels by a gateway that
+    /// reads the database (a running one learns it through its admin API at once). Its readings
+    /// and history stay. Returns whether the device exists; revoking again keeps the first time.
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn revoke_device(&self, id: DeviceId) -> Result<bool, StoreError> {
+        let r = sqlx::query("UPDATE devices SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?")
+            .bind(now_ms())
+            .bind(i64::from(id.0))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Stored counters by name.

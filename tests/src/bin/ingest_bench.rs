@@ -14,6 +14,7 @@
 //!    are checked (`--no-half` skips it).
 //!
 //! Run: `cargo run --release -p e2e --bin ingest-bench -- [--rates 250000,500000] [--acks both]`
+//! `--flood R` measures the fleet's goodput at R readings/s beside a flood of hostile datagrams.
 //! `--guard F` is the regression guard of CI: it offers F × the SQLite ceiling with acks on and
 //! fails unless that is sustained.
 
@@ -99,6 +100,12 @@ struct Args {
     /// Rate the simulator offers after the overload (readings/s).
     #[arg(long, default_value_t = 500_000)]
     overload_base: u64,
+    /// Instead of ramps: the fleet at this many readings/s with acks for `--duration`, without
+    /// and then with a flood of hostile datagrams from another address (127.0.0.2) at the full
+    /// speed of one sending thread; once with the per-source limit on failed authentications
+    /// and once with it off.
+    #[arg(long)]
+    flood: Option<u64>,
     /// Regression guard: offer this fraction of the in-run SQLite ceiling with acks on and
     /// exit non-zero unless it is sustained.
     #[arg(long)]
@@ -897,6 +904,99 @@ fn overload(args: &Args, rate: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flood run: see `--flood`.
+fn flood_bench(args: &Args, rate: u64) -> anyhow::Result<()> {
+    use e2e::flood::Flooder;
+    println!(
+        "flood: device-sim at {rate} readings/s with acks ({} devices, {} per datagram) for {:?} \
+         without, then with a hostile sender on 127.0.0.2 at full speed",
+        args.devices, args.batch, args.duration
+    );
+    println!(
+        "| auth limit | hostile datagrams/s | fleet readings acked, without / with | ratio | \
+         all acked first time, without / with | gateway CPU cores, without / with | \
+         answered bytes | drops during the flood |"
+    );
+    println!("|---|---:|---:|---:|---|---:|---:|---|");
+    for limit in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let db = dir.path().join("bench.db");
+        let fleet = provision(dir.path(), &db, args.devices)?;
+        let cfg = dir.path().join("gateway.toml");
+        std::fs::write(
+            &cfg,
+            if limit {
+                ""
+            } else {
+                "[telemetry]\nauth_failures_per_s = 0\n"
+            },
+        )?;
+        let gw = TestGateway::start(
+            &db,
+            &[
+                "--durability",
+                &args.durability,
+                "--config",
+                cfg.to_str().context("path")?,
+            ],
+        )?;
+        let pid = gw.child.id();
+        let run = |tag: &str| -> anyhow::Result<(device_sim::Report, f64)> {
+            let report = dir.path().join(format!("{tag}.json"));
+            let mut cmd = sim(gw.udp, &fleet);
+            cmd.args([
+                "--rate",
+                &(rate as f64 / f64::from(args.devices)).to_string(),
+            ])
+            .args(["--batch", &args.batch.to_string()])
+            .args(["--devices-per-socket", &args.devices_per_socket.to_string()])
+            .args(["--duration", &format!("{}ms", args.duration.as_millis())])
+            .args(["--ack", "--seed", if tag == "base" { "1" } else { "2" }])
+            .arg("--report")
+            .arg(&report)
+            .stdout(std::process::Stdio::null());
+            let cpu0 = cpu_seconds(pid)?;
+            let t0 = Instant::now();
+            run_sim(cmd)?;
+            let cores = (cpu_seconds(pid)? - cpu0) / t0.elapsed().as_secs_f64();
+            Ok((read_report(&report)?, cores))
+        };
+        let (base, base_cpu) = run("base")?;
+        let before = drops_by_reason(&stats(&db)?)?;
+        let flooder = Flooder::start(&fleet, &base, gw.udp)?;
+        let during = run("flood");
+        let outcome = flooder.stop()?;
+        let (during, during_cpu) = during?;
+        let answered = outcome.answered;
+        gw.stop()?;
+        let after = drops_by_reason(&stats(&db)?)?;
+        let drops: BTreeMap<String, u64> = after
+            .into_iter()
+            .map(|(k, v)| {
+                let b = before.get(&k).copied().unwrap_or(0);
+                (k, v.saturating_sub(b))
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        let first = |r: &device_sim::Report| {
+            r.readings_acked == r.readings_sent && r.retransmissions == 0 && r.unacked == 0
+        };
+        println!(
+            "| {} | {:.0} | {} / {} | {:.3} | {} / {} | {:.2} / {:.2} | {answered} | {drops:?} |",
+            if limit { "on" } else { "off" },
+            outcome.counts.total() as f64 / outcome.secs,
+            base.readings_acked,
+            during.readings_acked,
+            during.readings_acked as f64 / base.readings_acked.max(1) as f64,
+            first(&base),
+            first(&during),
+            base_cpu,
+            during_cpu,
+        );
+    }
+    Ok(())
+}
+
 fn rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms as u64))
         .to_string()
@@ -906,6 +1006,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(total) = args.query {
         return query_bench(&args, total);
+    }
+    if let Some(rate) = args.flood {
+        return flood_bench(&args, rate);
     }
     if let Some(rate) = args.overload {
         return overload(&args, rate);
