@@ -1,7 +1,8 @@
 //! The operator interface: a small HTTP API on loopback, guarded by a bearer token, through which
 //! the CLI talks to a running gateway. `/healthz` is open; everything else needs the token.
 //!
-//! - `GET /healthz`: `ok` while the gateway serves.
+//! - `GET /healthz`: `ok` while the gateway serves; 503 with the reason while the database
+//!   cannot be written.
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /api/v1/devices`: devices with counts and presence.
 //! - `POST /api/v1/commands`: queue a command for one device or all (JSON, see [`SendCommand`]).
@@ -188,8 +189,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// `ok`, or 503 with the reason while the database cannot be written (disk full, read-only,
+/// deleted): nothing is acknowledged then.
+async fn healthz(State(state): State<Arc<AdminState>>) -> Response {
+    let failing = state
+        .counters
+        .store_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match failing {
+        None => "ok".into_response(),
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("database not writable, nothing is acknowledged: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn devices(State(state): State<Arc<AdminState>>) -> Response {

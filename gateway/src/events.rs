@@ -209,6 +209,9 @@ pub struct Counters {
     pub outbox_bytes: AtomicU64,
     /// See [`names::OUTBOX_OLDEST_AGE_MS`].
     pub outbox_oldest_age_ms: AtomicU64,
+    /// The error of the writer's failing commit while its commits fail (disk full, database
+    /// read-only or gone); None while they succeed. `/healthz` reports it.
+    pub store_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A snapshot of counters as (name, value, is_gauge) rows, the form the store persists.

@@ -211,3 +211,198 @@ fn integrity(db: &std::path::Path) -> anyhow::Result<String> {
         Ok(r?)
     })
 }
+
+/// GET `path` on the admin API with the token in `token_file`: (status code, body).
+fn admin_get(
+    admin: std::net::SocketAddr,
+    token_file: &std::path::Path,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let token = std::fs::read_to_string(token_file)?;
+    let mut s = std::net::TcpStream::connect(admin)?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Connection: close\r\n\r\n",
+            token.trim()
+        )
+        .as_bytes(),
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((code, body))
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Mount {
+    /// None when this process may not mount (not root): the caller skips, saying so.
+    fn tmpfs(at: &std::path::Path, size: &str) -> Option<Mount> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_owned()))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with a ballast file, then gives back `keep` bytes of it.
+fn fill_leaving(dir: &std::path::Path, keep: u64) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut f = std::fs::File::create(&path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => len += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => return Err(e.into()),
+        }
+    }
+    f.set_len(len.saturating_sub(keep))?;
+    f.sync_all()?;
+    Ok(path)
+}
+
+/// Disk full: the database on a small filesystem of its own (a tmpfs; mounting needs root, so
+/// elsewhere the case says it is skipped), filled under load with acks. While full nothing is
+/// acknowledged that was not committed, `/healthz` says why, commits are retried about once a
+/// second (no busy loop), and once space is freed ingest resumes within 5 s.
+#[test]
+fn a_full_disk_acks_nothing_uncommitted_and_ingest_resumes_when_space_returns() -> anyhow::Result<()>
+{
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small)?;
+    let Some(_mount) = Mount::tmpfs(&small, "64m") else {
+        println!("RESULT disk full: SKIPPED (mounting a tmpfs needs root)");
+        return Ok(());
+    };
+    let db = small.join("gw.db");
+    let fleet = provision(dir.path(), &db, 100)?;
+    let ballast = fill_leaving(&small, 12 << 20)?;
+    let token = small.join("admin.token");
+    // The gateway's log goes beside the test, not onto the small filesystem.
+    std::os::unix::fs::symlink(dir.path().join("gw.log"), db.with_extension("log"))?;
+    let mut gw = TestGateway::start(&db, &[])?;
+    let log = dir.path().join("sent.csv");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args([
+        "--ack",
+        "--rate",
+        "1000",
+        "--batch",
+        "16",
+        "--duration",
+        "0",
+    ])
+    .args(["--retries", "1000", "--ack-timeout", "250ms"])
+    .args(["--readings-log", path(&log)])
+    .stdout(std::process::Stdio::null());
+    let mut child = KillOnDrop(cmd.spawn()?);
+    let mut health = String::new();
+    wait_until(
+        Duration::from_secs(90),
+        "health to report the full disk",
+        || {
+            let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
+            health = body;
+            Ok(code == 503)
+        },
+    )?;
+    // No busy loop: about one commit attempt a second while full.
+    let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
+    let t0 = tokio::time::Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "three seconds of a full disk",
+        || Ok(t0.elapsed() >= Duration::from_secs(3)),
+    )?;
+    let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
+    let secs = t0.elapsed().as_secs_f64();
+    let attempts =
+        metric(&m1, "gateway_commit_errors_total") - metric(&m0, "gateway_commit_errors_total");
+    let committed_while_full = metric(&m1, "gateway_readings_committed_total")
+        - metric(&m0, "gateway_readings_committed_total");
+    // Space back: ingest resumes.
+    std::fs::remove_file(&ballast)?;
+    let freed = tokio::time::Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "commits after space returned",
+        || {
+            let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
+            Ok(metric(&m, "gateway_readings_committed_total")
+                > metric(&m1, "gateway_readings_committed_total"))
+        },
+    )?;
+    let resumed = freed.elapsed();
+    let (code, _) = admin_get(gw.admin, &token, "/healthz")?;
+    let base = counter(&stats(&db)?, "readings_committed");
+    wait_until(
+        Duration::from_secs(60),
+        "load after the disk was freed",
+        || Ok(counter(&stats(&db)?, "readings_committed") >= base + 50_000),
+    )?;
+    signal(child.id(), "INT")?;
+    let status = child.wait()?;
+    assert!(status.success(), "device-sim exit {status}");
+    gw.signal("TERM")?;
+    gw.wait_exit(Duration::from_secs(30))?;
+    let s = stats(&db)?;
+    let sent = read_sent(&log)?;
+    let stored = query_all(&db)?;
+    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
+    let integrity = integrity(&db)?;
+    println!(
+        "RESULT disk full: health while full {health:?}; {attempts} commit attempts in \
+         {secs:.1} s while full, {committed_while_full} readings committed meanwhile; \
+         queue_full drops {}; ingest resumed {resumed:?} after space was freed (health then \
+         {code}); {} readings sent, {acked} acknowledged, all stored; {stored_n} stored, none \
+         foreign; integrity {}",
+        counter(&s, "drop_queue_full"),
+        sent.len(),
+        integrity.trim()
+    );
+    assert!(health.contains("database"), "{health}");
+    assert!(
+        (attempts as f64) <= secs * 2.0 + 2.0,
+        "{attempts} commit attempts in {secs:.1} s"
+    );
+    assert_eq!(committed_while_full, 0, "commits while the disk was full");
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed after {resumed:?}"
+    );
+    assert_eq!(code, 200, "health after space returned");
+    assert_eq!(integrity.trim(), "ok");
+    Ok(())
+}

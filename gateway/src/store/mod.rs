@@ -240,6 +240,14 @@ impl Store {
         let pool = SqlitePoolOptions::new()
             .max_connections(6)
             .acquire_timeout(Duration::from_secs(30))
+            // SQLite rolls a transaction back by itself on some errors (a full disk among them)
+            // without the driver noticing: its count of open transactions stays one too high,
+            // and the connection's next "transaction" would be a savepoint inside one that is
+            // never committed. A connection that comes back in that state is closed, never
+            // reused (closing rolls back whatever is open).
+            .after_release(|conn, _| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .connect_with(connect)
             .await?;
         sqlx::migrate!("../migrations").run(&pool).await?;

@@ -86,6 +86,9 @@ impl Item {
     }
 }
 
+/// Longest wait between two attempts of a failing commit.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(1);
+
 /// The outbox's bounds, when MQTT forwarding is on.
 #[derive(Debug, Clone, Copy)]
 pub struct OutboxLimits {
@@ -372,17 +375,38 @@ impl Writer {
             None
         };
         let mut delay = Duration::from_millis(50);
+        let mut failures = 0u64;
         let change = loop {
             match self.write(&plan, snapshot.as_ref()).await {
                 Ok(change) => break change,
                 Err(error) => {
+                    // Nothing of the plan is acked until it commits; meanwhile the queue fills
+                    // and ingest drops (unacked) what does not fit. One attempt a second at most
+                    // once backed off, so a full disk is noticed within a second of being freed.
                     self.counters.commit_errors.fetch_add(1, Relaxed);
-                    tracing::error!(%error, retry_in = ?delay, "commit failed");
+                    failures += 1;
+                    *self
+                        .counters
+                        .store_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(error.to_string());
+                    if failures <= 3 || failures.is_power_of_two() {
+                        tracing::error!(%error, failures, retry_in = ?delay, "commit failed");
+                    }
+                    self.renew_connection().await;
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
             }
         };
+        if failures > 0 {
+            *self
+                .counters
+                .store_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::warn!(failures, "commits succeed again");
+        }
         if let Some(s) = snapshot {
             self.persisted = s;
             self.last_flush = Instant::now();
@@ -437,7 +461,39 @@ impl Writer {
         .await;
         if let Err(error) = result {
             tracing::warn!(%error, "WAL reset failed");
+            self.renew_connection().await;
         }
+    }
+
+    /// Replaces the writer's connection after a failed transaction. SQLite rolls a transaction
+    /// back by itself on some errors (a full disk among them) and the driver does not notice:
+    /// its count of open transactions stays one too high, so its next "transaction" is only a
+    /// savepoint, a later rollback leaves SQLite's transaction open, and every later "commit"
+    /// releases a savepoint inside it: nothing would be committed again while acks went out.
+    /// A fresh connection starts clean; closing the old one rolls back whatever it had open.
+    /// When no connection can be had, the old one is kept and this is tried at the next error.
+    async fn renew_connection(&mut self) {
+        let cache: Option<(i64,)> = sqlx::query_as("PRAGMA cache_size")
+            .fetch_optional(&mut *self.conn)
+            .await
+            .ok()
+            .flatten();
+        let mut fresh = match self.store.pool().acquire().await {
+            Ok(c) => c,
+            Err(error) => {
+                tracing::warn!(%error, "no fresh writer connection; keeping the old one");
+                return;
+            }
+        };
+        if let Some((pages,)) = cache {
+            // A number read back from SQLite: no injection possible.
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA cache_size = {pages}")))
+                .execute(&mut *fresh)
+                .await;
+        }
+        let mut old = std::mem::replace(&mut self.conn, fresh);
+        old.close_on_drop();
+        drop(old);
     }
 
     /// Turns a batch into rows and device updates, checking each datagram against the
@@ -761,6 +817,7 @@ impl Writer {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "staging merge failed");
+                    self.renew_connection().await;
                     return;
                 }
             }
