@@ -209,6 +209,7 @@ impl Gateway {
                 stats_interval: cfg.service.stats_interval,
                 commit_delay: cfg.store.commit_delay,
                 wal_reset_wanted: wal_reset_wanted.clone(),
+                db_file: store::writer::DbFile::of(&cfg.store.path),
             },
             store.clone(),
             aggregator,

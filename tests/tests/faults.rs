@@ -262,6 +262,45 @@ impl Mount {
     }
 }
 
+impl Mount {
+    /// A fresh ext4 filesystem in the image file `img` (created, `size` bytes) mounted at `at`
+    /// through a loop device; None when this process may not (not root, no loop devices).
+    fn ext4(img: &std::path::Path, size: u64, at: &std::path::Path) -> Option<Mount> {
+        let file = std::fs::File::create(img).ok()?;
+        file.set_len(size).ok()?;
+        let quiet = |cmd: &mut std::process::Command| {
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let made = quiet(std::process::Command::new("mkfs.ext4").arg("-q").arg(img));
+        (made
+            && quiet(
+                std::process::Command::new("mount")
+                    .arg("-o")
+                    .arg("loop")
+                    .arg(img)
+                    .arg(at),
+            ))
+        .then(|| Mount(at.to_owned()))
+    }
+}
+
+/// Sets or clears the immutable attribute of `files` (ext4: writes through descriptors that
+/// are already open fail too, which is how a database turns read-only under a running process).
+fn immutable(files: &[std::path::PathBuf], on: bool) -> anyhow::Result<()> {
+    for f in files {
+        let ok = std::process::Command::new("chattr")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(f)
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "chattr on {}", f.display());
+    }
+    Ok(())
+}
+
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -403,6 +442,184 @@ fn a_full_disk_acks_nothing_uncommitted_and_ingest_resumes_when_space_returns() 
         "resumed after {resumed:?}"
     );
     assert_eq!(code, 200, "health after space returned");
+    assert_eq!(integrity.trim(), "ok");
+    Ok(())
+}
+
+/// The database moved away (the files renamed, as a deletion looks to the gateway) under load
+/// with acks: nothing committed after that is acknowledged, `/healthz` says the file is gone,
+/// the process stays up, and it still stops when asked. Everything acknowledged is in the moved
+/// files, which pass `integrity_check`.
+#[test]
+fn a_deleted_database_is_reported_and_nothing_more_is_acknowledged() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 20)?;
+    let token = dir.path().join("admin.token");
+    let mut gw = TestGateway::start(&db, &[])?;
+    let log = dir.path().join("sent.csv");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--ack", "--rate", "500", "--batch", "10", "--duration", "0"])
+        .args(["--retries", "1000", "--ack-timeout", "250ms"])
+        .args(["--readings-log", path(&log)])
+        .stdout(std::process::Stdio::null());
+    let mut child = KillOnDrop(cmd.spawn()?);
+    wait_until(Duration::from_secs(30), "load before the deletion", || {
+        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
+        Ok(metric(&m, "gateway_readings_committed_total") > 20_000)
+    })?;
+    let moved = dir.path().join("moved");
+    std::fs::create_dir(&moved)?;
+    for ext in ["db", "db-wal", "db-shm"] {
+        let from = db.with_extension(ext);
+        if from.exists() {
+            std::fs::rename(&from, moved.join(format!("gw.{ext}")))?;
+        }
+    }
+    let gone = tokio::time::Instant::now();
+    let mut health = String::new();
+    wait_until(
+        Duration::from_secs(10),
+        "health to report the missing file",
+        || {
+            let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
+            health = body;
+            Ok(code == 503)
+        },
+    )?;
+    let noticed = gone.elapsed();
+    let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
+    wait_until(
+        Duration::from_secs(10),
+        "two seconds without a database",
+        || Ok(gone.elapsed() >= Duration::from_secs(3)),
+    )?;
+    let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
+    let still_up = gw.child.try_wait()?.is_none();
+    let acks_after =
+        metric(&m1, "gateway_acks_sent_total") - metric(&m0, "gateway_acks_sent_total");
+    signal(child.id(), "INT")?;
+    let status = child.wait()?;
+    assert!(status.success(), "device-sim exit {status}");
+    gw.signal("TERM")?;
+    let exit = gw.wait_exit(Duration::from_secs(20))?;
+    let moved_db = moved.join("gw.db");
+    let sent = read_sent(&log)?;
+    let stored = query_all(&moved_db)?;
+    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
+    let integrity = integrity(&moved_db)?;
+    println!(
+        "RESULT deleted database: noticed after {noticed:?}, health {health:?}; process up \
+         {still_up}; acks sent meanwhile {acks_after}; exit on SIGTERM {exit}; {} readings \
+         sent, {acked} acknowledged, all in the moved files ({stored_n} there); no new file \
+         at the path: {}; integrity {}",
+        sent.len(),
+        !db.exists(),
+        integrity.trim()
+    );
+    assert!(health.contains("is gone"), "{health}");
+    assert!(still_up, "the gateway exited");
+    assert_eq!(acks_after, 0, "acks after the database was gone");
+    assert!(acked > 10_000);
+    assert!(!db.exists(), "a new empty database was created at the path");
+    assert_eq!(integrity.trim(), "ok");
+    Ok(())
+}
+
+/// The database made read-only under load with acks (its files made immutable on an ext4 loop
+/// mount; needs root, skipped otherwise): nothing is acknowledged that was not committed,
+/// `/healthz` reports the error, the process stays up, and once the files are writable again
+/// ingest resumes within 5 s.
+#[test]
+fn a_read_only_database_acks_nothing_and_ingest_resumes_when_writable() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let at = dir.path().join("ext4");
+    std::fs::create_dir(&at)?;
+    let Some(_mount) = Mount::ext4(&dir.path().join("img"), 256 << 20, &at) else {
+        println!("RESULT read-only database: SKIPPED (an ext4 loop mount needs root)");
+        return Ok(());
+    };
+    let db = at.join("gw.db");
+    let fleet = provision(dir.path(), &db, 20)?;
+    let token = at.join("admin.token");
+    let mut gw = TestGateway::start(&db, &[])?;
+    let log = dir.path().join("sent.csv");
+    let mut cmd = sim(gw.udp, &fleet);
+    cmd.args(["--ack", "--rate", "500", "--batch", "10", "--duration", "0"])
+        .args(["--retries", "1000", "--ack-timeout", "250ms"])
+        .args(["--readings-log", path(&log)])
+        .stdout(std::process::Stdio::null());
+    let mut child = KillOnDrop(cmd.spawn()?);
+    wait_until(Duration::from_secs(30), "load before", || {
+        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
+        Ok(metric(&m, "gateway_readings_committed_total") > 20_000)
+    })?;
+    let files = vec![db.clone(), db.with_extension("db-wal")];
+    immutable(&files, true)?;
+    let result = (|| -> anyhow::Result<_> {
+        let mut health = String::new();
+        wait_until(
+            Duration::from_secs(10),
+            "health to report the error",
+            || {
+                let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
+                health = body;
+                Ok(code == 503)
+            },
+        )?;
+        let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
+        let t0 = tokio::time::Instant::now();
+        wait_until(Duration::from_secs(10), "three read-only seconds", || {
+            Ok(t0.elapsed() >= Duration::from_secs(3))
+        })?;
+        let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
+        Ok((health, m0, m1, gw.child.try_wait()?.is_none()))
+    })();
+    immutable(&files, false)?;
+    let (health, m0, m1, still_up) = result?;
+    let freed = tokio::time::Instant::now();
+    wait_until(Duration::from_secs(30), "commits once writable", || {
+        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
+        Ok(metric(&m, "gateway_readings_committed_total")
+            > metric(&m1, "gateway_readings_committed_total"))
+    })?;
+    let resumed = freed.elapsed();
+    let (code, _) = admin_get(gw.admin, &token, "/healthz")?;
+    let base = counter(&stats(&db)?, "readings_committed");
+    wait_until(Duration::from_secs(60), "load afterwards", || {
+        Ok(counter(&stats(&db)?, "readings_committed") >= base + 10_000)
+    })?;
+    signal(child.id(), "INT")?;
+    let status = child.wait()?;
+    assert!(status.success(), "device-sim exit {status}");
+    gw.signal("TERM")?;
+    gw.wait_exit(Duration::from_secs(30))?;
+    let sent = read_sent(&log)?;
+    let stored = query_all(&db)?;
+    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
+    let integrity = integrity(&db)?;
+    let committed = metric(&m1, "gateway_readings_committed_total")
+        - metric(&m0, "gateway_readings_committed_total");
+    let acks = metric(&m1, "gateway_acks_sent_total") - metric(&m0, "gateway_acks_sent_total");
+    println!(
+        "RESULT read-only database: health {health:?}; in 3 s read-only {committed} readings \
+         committed, {acks} acks sent; process up {still_up}; ingest resumed {resumed:?} after \
+         the files were writable again (health then {code}); {} readings sent, {acked} \
+         acknowledged, all stored; {stored_n} stored, none foreign; integrity {}",
+        sent.len(),
+        integrity.trim()
+    );
+    assert!(health.contains("database"), "{health}");
+    assert!(still_up);
+    assert_eq!(committed, 0);
+    assert_eq!(acks, 0);
+    assert!(
+        resumed < Duration::from_secs(5),
+        "resumed after {resumed:?}"
+    );
+    assert_eq!(code, 200);
     assert_eq!(integrity.trim(), "ok");
     Ok(())
 }

@@ -109,6 +109,51 @@ pub struct WriterConfig {
     pub commit_delay: Duration,
     /// Set by the checkpoint task when the WAL should be reset (see `checkpoint`).
     pub wal_reset_wanted: Arc<AtomicBool>,
+    /// The database file as opened: checked around every transaction (see [`DbFile`]).
+    pub db_file: Option<DbFile>,
+}
+
+/// The database file's path and identity (device, inode) when the gateway opened it.
+///
+/// SQLite keeps writing to a database file (and its WAL) that was deleted or replaced under
+/// it, and reports success: acks would go out for readings that vanish with the file. So the
+/// writer checks before and after every transaction that the path still names the same file;
+/// when it does not, the transaction counts as failed (nothing is acked), `/healthz` says
+/// why, and the writer keeps retrying until the file is back or the gateway is restarted.
+#[derive(Debug, Clone)]
+pub struct DbFile {
+    path: std::path::PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl DbFile {
+    /// The identity of the file at `path`, if it exists.
+    pub fn of(path: &std::path::Path) -> Option<DbFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(DbFile {
+            path: path.to_owned(),
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// An error unless `path` still names the file opened.
+    fn check(&self) -> Result<(), sqlx::Error> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.dev() == self.dev && m.ino() == self.ino => Ok(()),
+            Ok(_) => Err(sqlx::Error::Io(std::io::Error::other(format!(
+                "the database file {} was replaced by another file",
+                self.path.display()
+            )))),
+            Err(e) => Err(sqlx::Error::Io(std::io::Error::other(format!(
+                "the database file {} is gone ({e})",
+                self.path.display()
+            )))),
+        }
+    }
 }
 
 /// The writer task's state.
@@ -133,6 +178,8 @@ pub struct Writer {
     outbox: Option<OutboxLimits>,
     /// When the last "outbox full" warning was logged.
     last_full_log: Option<Instant>,
+    /// Stopping with an unwritable database: what is still queued is dropped, never acked.
+    gave_up: bool,
     /// Rows in staging (counted at start, then per commit and merge step).
     staged: u64,
     /// The merge of staging into `blocks` in progress.
@@ -293,11 +340,13 @@ impl Writer {
             staged: 0,
             merge: None,
             last_merge: Instant::now(),
+            gave_up: false,
         }
     }
 
     /// Runs until the input channel closes and everything queued is committed. Commit errors
-    /// are logged, counted and retried; they never end the writer.
+    /// are logged, counted and retried; they never end the writer, but when it is stopping
+    /// with a database that stays unwritable it gives up on what is left (none of it acked).
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(self.cfg.stats_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -355,6 +404,9 @@ impl Writer {
     /// Commits one batch, retrying until it succeeds, then acks. `tick` also closes the
     /// windows of idle devices.
     async fn commit(&mut self, batch: Vec<Item>, flush: bool, tick: bool) {
+        if self.gave_up {
+            return;
+        }
         let plan = self.plan(batch, tick);
         if plan.blocks.is_empty()
             && plan.devices.is_empty()
@@ -362,7 +414,10 @@ impl Writer {
             && plan.delivered.is_empty()
             && !flush
         {
-            self.send_acks(&plan);
+            // Re-acks only: their originals are committed, unless the file is gone since.
+            if self.cfg.db_file.as_ref().is_none_or(|f| f.check().is_ok()) {
+                self.send_acks(&plan);
+            }
             return;
         }
         if flush {
@@ -394,6 +449,18 @@ impl Writer {
                         tracing::error!(%error, failures, retry_in = ?delay, "commit failed");
                     }
                     self.renew_connection().await;
+                    // Stopping (every sender gone) with a database that stays unwritable: give
+                    // up on this batch rather than never exit. None of it was acked.
+                    if self.rx.is_closed() && failures >= 2 {
+                        tracing::error!(
+                            datagrams = plan.datagrams,
+                            readings = plan.readings,
+                            "stopping with an unwritable database: the last batch is not \
+                             stored (none of it was acknowledged)"
+                        );
+                        self.gave_up = true;
+                        return;
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
@@ -473,6 +540,12 @@ impl Writer {
     /// A fresh connection starts clean; closing the old one rolls back whatever it had open.
     /// When no connection can be had, the old one is kept and this is tried at the next error.
     async fn renew_connection(&mut self) {
+        // A new connection to a path whose file is gone would create an empty database there.
+        if let Some(f) = &self.cfg.db_file
+            && f.check().is_err()
+        {
+            return;
+        }
         let cache: Option<(i64,)> = sqlx::query_as("PRAGMA cache_size")
             .fetch_optional(&mut *self.conn)
             .await
@@ -594,6 +667,9 @@ impl Writer {
     ) -> Result<OutboxChange, sqlx::Error> {
         let persisted = &self.persisted;
         let mut change = OutboxChange::default();
+        if let Some(f) = &self.cfg.db_file {
+            f.check()?;
+        }
         let mut tx = self.conn.begin().await?;
         let mut rest = &plan.blocks[..];
         while !rest.is_empty() {
@@ -720,6 +796,10 @@ impl Writer {
             }
         }
         tx.commit().await?;
+        // Committed into a file that is no longer the database: as good as lost, so not acked.
+        if let Some(f) = &self.cfg.db_file {
+            f.check()?;
+        }
         Ok(change)
     }
 
