@@ -564,3 +564,41 @@ pub fn online_count(db: &Path) -> anyhow::Result<usize> {
         .filter(|d| d["online"] == true)
         .count())
 }
+
+/// GET `path` on the admin API with the token in `token_file`: (status code, body).
+///
+/// # Errors
+/// Connection errors, an unreadable token file or a malformed answer.
+pub fn admin_get(
+    admin: std::net::SocketAddr,
+    token_file: &std::path::Path,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let token = std::fs::read_to_string(token_file)?;
+    let mut s = std::net::TcpStream::connect(admin)?;
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Connection: close\r\n\r\n",
+            token.trim()
+        )
+        .as_bytes(),
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line")?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((code, body))
+}
+
+/// The value of metric `name` in Prometheus text (0 when absent).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}

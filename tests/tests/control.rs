@@ -495,29 +495,6 @@ async fn connect_from(
     Ok(socket.connect(to).await?)
 }
 
-/// The admin API's metrics text.
-fn metrics(admin: std::net::SocketAddr, token_file: &std::path::Path) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let token = std::fs::read_to_string(token_file)?;
-    let mut s = std::net::TcpStream::connect(admin)?;
-    s.write_all(
-        format!(
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
-             Connection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out)
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A source that fails more connections than its budget is closed at accept, without TLS,
 /// until it is back under the rate; a device from another address is not affected and still
 /// gets in within a second.
@@ -547,7 +524,7 @@ fn a_source_failing_too_often_is_limited_and_no_one_else() -> anyhow::Result<()>
             c.write_all(b"GET / HTTP/1.0\r\n\r\n").await?;
             assert!(closed_within(&mut c, Duration::from_secs(3)).await);
         }
-        let m = metrics(gw.admin, &token)?;
+        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
         let failed = metric(&m, "gateway_control_rejected_handshake_total");
         let limited = metric(&m, "gateway_control_rejected_limited_total");
         // Five fail within the burst (plus at most one refilled); the rest never reach TLS.

@@ -212,40 +212,6 @@ fn integrity(db: &std::path::Path) -> anyhow::Result<String> {
     })
 }
 
-/// GET `path` on the admin API with the token in `token_file`: (status code, body).
-fn admin_get(
-    admin: std::net::SocketAddr,
-    token_file: &std::path::Path,
-    path: &str,
-) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let token = std::fs::read_to_string(token_file)?;
-    let mut s = std::net::TcpStream::connect(admin)?;
-    s.write_all(
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-             Connection: close\r\n\r\n",
-            token.trim()
-        )
-        .as_bytes(),
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no status line")?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Ok((code, body))
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// A tmpfs mounted for one test, unmounted when dropped.
 struct Mount(std::path::PathBuf);
 
@@ -330,6 +296,137 @@ fn fill_leaving(dir: &std::path::Path, keep: u64) -> anyhow::Result<std::path::P
     Ok(path)
 }
 
+/// A gateway under load with acks (`device-sim` until stopped, retransmitting), for the cases
+/// that make its database fail.
+struct Loaded {
+    gw: TestGateway,
+    sim: KillOnDrop,
+    log: std::path::PathBuf,
+    token: std::path::PathBuf,
+}
+
+/// What a gateway showed while its database failed.
+struct Failing {
+    /// `/healthz` body once it answered 503.
+    health: String,
+    /// From the fault to that answer.
+    noticed: Duration,
+    /// Commit attempts, readings committed and acks sent in `secs` (about 3) after that.
+    attempts: u64,
+    committed: u64,
+    acks: u64,
+    secs: f64,
+    /// Metrics text at the end of those seconds.
+    metrics: String,
+    /// Whether the gateway was still running then.
+    still_up: bool,
+}
+
+impl Loaded {
+    /// Starts a gateway on `db` and `devices` × `rate` readings/s with acks (the simulator's
+    /// log beside the fleet file); waits until more than `warm` readings are committed.
+    fn start(
+        db: &std::path::Path,
+        fleet: &std::path::Path,
+        rate: &str,
+        warm: u64,
+    ) -> anyhow::Result<Loaded> {
+        let dir = fleet.parent().context("fleet dir")?;
+        let token = db.with_file_name("admin.token");
+        let gw = TestGateway::start(db, &[])?;
+        let log = dir.join("sent.csv");
+        let mut cmd = sim(gw.udp, fleet);
+        cmd.args(["--ack", "--rate", rate, "--batch", "10", "--duration", "0"])
+            .args(["--retries", "1000", "--ack-timeout", "250ms"])
+            .args(["--readings-log", path(&log)])
+            .stdout(std::process::Stdio::null());
+        let sim = KillOnDrop(cmd.spawn()?);
+        let loaded = Loaded {
+            gw,
+            sim,
+            log,
+            token,
+        };
+        wait_until(Duration::from_secs(30), "load before the fault", || {
+            Ok(loaded.committed()? > warm)
+        })?;
+        Ok(loaded)
+    }
+
+    fn metrics(&self) -> anyhow::Result<String> {
+        Ok(admin_get(self.gw.admin, &self.token, "/metrics")?.1)
+    }
+
+    fn committed(&self) -> anyhow::Result<u64> {
+        Ok(metric(&self.metrics()?, "gateway_readings_committed_total"))
+    }
+
+    /// Waits (up to `within`) for `/healthz` to answer 503, then watches three seconds.
+    fn failing(
+        &mut self,
+        fault: tokio::time::Instant,
+        within: Duration,
+    ) -> anyhow::Result<Failing> {
+        let mut health = String::new();
+        wait_until(within, "health to report the failing database", || {
+            let (code, body) = admin_get(self.gw.admin, &self.token, "/healthz")?;
+            health = body;
+            Ok(code == 503)
+        })?;
+        let noticed = fault.elapsed();
+        let m0 = self.metrics()?;
+        let t0 = tokio::time::Instant::now();
+        wait_until(Duration::from_secs(10), "three seconds of failure", || {
+            Ok(t0.elapsed() >= Duration::from_secs(3))
+        })?;
+        let m1 = self.metrics()?;
+        let delta = |name: &str| metric(&m1, name) - metric(&m0, name);
+        Ok(Failing {
+            health,
+            noticed,
+            attempts: delta("gateway_commit_errors_total"),
+            committed: delta("gateway_readings_committed_total"),
+            acks: delta("gateway_acks_sent_total"),
+            secs: t0.elapsed().as_secs_f64(),
+            metrics: m1,
+            still_up: self.gw.child.try_wait()?.is_none(),
+        })
+    }
+
+    /// After the fault is undone: how long until readings are committed again, and the health
+    /// status then; then waits for `more` further committed readings.
+    fn resumed(&self, failing: &Failing, more: u64) -> anyhow::Result<(Duration, u16)> {
+        let t0 = tokio::time::Instant::now();
+        let before = metric(&failing.metrics, "gateway_readings_committed_total");
+        wait_until(Duration::from_secs(30), "commits once writable", || {
+            Ok(self.committed()? > before)
+        })?;
+        let resumed = t0.elapsed();
+        let (code, _) = admin_get(self.gw.admin, &self.token, "/healthz")?;
+        let base = self.committed()?;
+        wait_until(Duration::from_secs(60), "load afterwards", || {
+            Ok(self.committed()? >= base + more)
+        })?;
+        Ok((resumed, code))
+    }
+
+    /// Stops the simulator, then the gateway; checks `db` against what the simulator sent.
+    /// Returns (readings sent, acknowledged, stored, integrity, the gateway's exit status).
+    fn finish(
+        mut self,
+        db: &std::path::Path,
+    ) -> anyhow::Result<(usize, usize, usize, String, std::process::ExitStatus)> {
+        signal(self.sim.id(), "INT")?;
+        let status = self.sim.wait()?;
+        anyhow::ensure!(status.success(), "device-sim exit {status}");
+        self.gw.signal("TERM")?;
+        let exit = self.gw.wait_exit(Duration::from_secs(30))?;
+        let sent = read_sent(&self.log)?;
+        let (acked, stored) = check_acked_stored(&sent, &query_all(db)?)?;
+        Ok((sent.len(), acked, stored, integrity(db)?, exit))
+    }
+}
+
 /// Disk full: the database on a small filesystem of its own (a tmpfs; mounting needs root, so
 /// elsewhere the case says it is skipped), filled under load with acks. While full nothing is
 /// acknowledged that was not committed, `/healthz` says why, commits are retried about once a
@@ -348,95 +445,35 @@ fn a_full_disk_acks_nothing_uncommitted_and_ingest_resumes_when_space_returns() 
     let db = small.join("gw.db");
     let fleet = provision(dir.path(), &db, 100)?;
     let ballast = fill_leaving(&small, 12 << 20)?;
-    let token = small.join("admin.token");
     // The gateway's log goes beside the test, not onto the small filesystem.
     std::os::unix::fs::symlink(dir.path().join("gw.log"), db.with_extension("log"))?;
-    let mut gw = TestGateway::start(&db, &[])?;
-    let log = dir.path().join("sent.csv");
-    let mut cmd = sim(gw.udp, &fleet);
-    cmd.args([
-        "--ack",
-        "--rate",
-        "1000",
-        "--batch",
-        "16",
-        "--duration",
-        "0",
-    ])
-    .args(["--retries", "1000", "--ack-timeout", "250ms"])
-    .args(["--readings-log", path(&log)])
-    .stdout(std::process::Stdio::null());
-    let mut child = KillOnDrop(cmd.spawn()?);
-    let mut health = String::new();
-    wait_until(
-        Duration::from_secs(90),
-        "health to report the full disk",
-        || {
-            let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
-            health = body;
-            Ok(code == 503)
-        },
-    )?;
-    // No busy loop: about one commit attempt a second while full.
-    let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
-    let t0 = tokio::time::Instant::now();
-    wait_until(
-        Duration::from_secs(10),
-        "three seconds of a full disk",
-        || Ok(t0.elapsed() >= Duration::from_secs(3)),
-    )?;
-    let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
-    let secs = t0.elapsed().as_secs_f64();
-    let attempts =
-        metric(&m1, "gateway_commit_errors_total") - metric(&m0, "gateway_commit_errors_total");
-    let committed_while_full = metric(&m1, "gateway_readings_committed_total")
-        - metric(&m0, "gateway_readings_committed_total");
-    // Space back: ingest resumes.
+    let started = tokio::time::Instant::now();
+    let mut load = Loaded::start(&db, &fleet, "1000", 0)?;
+    let f = load.failing(started, Duration::from_secs(90))?;
     std::fs::remove_file(&ballast)?;
-    let freed = tokio::time::Instant::now();
-    wait_until(
-        Duration::from_secs(30),
-        "commits after space returned",
-        || {
-            let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
-            Ok(metric(&m, "gateway_readings_committed_total")
-                > metric(&m1, "gateway_readings_committed_total"))
-        },
-    )?;
-    let resumed = freed.elapsed();
-    let (code, _) = admin_get(gw.admin, &token, "/healthz")?;
-    let base = counter(&stats(&db)?, "readings_committed");
-    wait_until(
-        Duration::from_secs(60),
-        "load after the disk was freed",
-        || Ok(counter(&stats(&db)?, "readings_committed") >= base + 50_000),
-    )?;
-    signal(child.id(), "INT")?;
-    let status = child.wait()?;
-    assert!(status.success(), "device-sim exit {status}");
-    gw.signal("TERM")?;
-    gw.wait_exit(Duration::from_secs(30))?;
-    let s = stats(&db)?;
-    let sent = read_sent(&log)?;
-    let stored = query_all(&db)?;
-    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
-    let integrity = integrity(&db)?;
+    let (resumed, code) = load.resumed(&f, 50_000)?;
+    let queue_full = metric(&load.metrics()?, "gateway_drop_queue_full_total");
+    let (sent, acked, stored, integrity, _) = load.finish(&db)?;
     println!(
-        "RESULT disk full: health while full {health:?}; {attempts} commit attempts in \
-         {secs:.1} s while full, {committed_while_full} readings committed meanwhile; \
-         queue_full drops {}; ingest resumed {resumed:?} after space was freed (health then \
-         {code}); {} readings sent, {acked} acknowledged, all stored; {stored_n} stored, none \
-         foreign; integrity {}",
-        counter(&s, "drop_queue_full"),
-        sent.len(),
+        "RESULT disk full: health while full {:?}; {} commit attempts in {:.1} s while full, {} \
+         readings committed and {} acks sent meanwhile; queue_full drops {queue_full}; ingest \
+         resumed {resumed:?} after space was freed (health then {code}); {sent} readings sent, \
+         {acked} acknowledged, all stored; {stored} stored, none foreign; integrity {}",
+        f.health,
+        f.attempts,
+        f.secs,
+        f.committed,
+        f.acks,
         integrity.trim()
     );
-    assert!(health.contains("database"), "{health}");
+    assert!(f.health.contains("database"), "{}", f.health);
     assert!(
-        (attempts as f64) <= secs * 2.0 + 2.0,
-        "{attempts} commit attempts in {secs:.1} s"
+        (f.attempts as f64) <= f.secs * 2.0 + 2.0,
+        "{} commit attempts in {:.1} s",
+        f.attempts,
+        f.secs
     );
-    assert_eq!(committed_while_full, 0, "commits while the disk was full");
+    assert_eq!(f.committed, 0, "commits while the disk was full");
     assert!(
         resumed < Duration::from_secs(5),
         "resumed after {resumed:?}"
@@ -456,19 +493,7 @@ fn a_deleted_database_is_reported_and_nothing_more_is_acknowledged() -> anyhow::
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("gw.db");
     let fleet = provision(dir.path(), &db, 20)?;
-    let token = dir.path().join("admin.token");
-    let mut gw = TestGateway::start(&db, &[])?;
-    let log = dir.path().join("sent.csv");
-    let mut cmd = sim(gw.udp, &fleet);
-    cmd.args(["--ack", "--rate", "500", "--batch", "10", "--duration", "0"])
-        .args(["--retries", "1000", "--ack-timeout", "250ms"])
-        .args(["--readings-log", path(&log)])
-        .stdout(std::process::Stdio::null());
-    let mut child = KillOnDrop(cmd.spawn()?);
-    wait_until(Duration::from_secs(30), "load before the deletion", || {
-        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
-        Ok(metric(&m, "gateway_readings_committed_total") > 20_000)
-    })?;
+    let mut load = Loaded::start(&db, &fleet, "500", 20_000)?;
     let moved = dir.path().join("moved");
     std::fs::create_dir(&moved)?;
     for ext in ["db", "db-wal", "db-shm"] {
@@ -477,50 +502,26 @@ fn a_deleted_database_is_reported_and_nothing_more_is_acknowledged() -> anyhow::
             std::fs::rename(&from, moved.join(format!("gw.{ext}")))?;
         }
     }
-    let gone = tokio::time::Instant::now();
-    let mut health = String::new();
-    wait_until(
-        Duration::from_secs(10),
-        "health to report the missing file",
-        || {
-            let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
-            health = body;
-            Ok(code == 503)
-        },
-    )?;
-    let noticed = gone.elapsed();
-    let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
-    wait_until(
-        Duration::from_secs(10),
-        "two seconds without a database",
-        || Ok(gone.elapsed() >= Duration::from_secs(3)),
-    )?;
-    let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
-    let still_up = gw.child.try_wait()?.is_none();
-    let acks_after =
-        metric(&m1, "gateway_acks_sent_total") - metric(&m0, "gateway_acks_sent_total");
-    signal(child.id(), "INT")?;
-    let status = child.wait()?;
-    assert!(status.success(), "device-sim exit {status}");
-    gw.signal("TERM")?;
-    let exit = gw.wait_exit(Duration::from_secs(20))?;
+    // The token file stays where it was: metrics are still reachable.
+    let f = load.failing(tokio::time::Instant::now(), Duration::from_secs(10))?;
     let moved_db = moved.join("gw.db");
-    let sent = read_sent(&log)?;
-    let stored = query_all(&moved_db)?;
-    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
-    let integrity = integrity(&moved_db)?;
+    let (sent, acked, stored, integrity, exit) = load.finish(&moved_db)?;
     println!(
-        "RESULT deleted database: noticed after {noticed:?}, health {health:?}; process up \
-         {still_up}; acks sent meanwhile {acks_after}; exit on SIGTERM {exit}; {} readings \
-         sent, {acked} acknowledged, all in the moved files ({stored_n} there); no new file \
-         at the path: {}; integrity {}",
-        sent.len(),
+        "RESULT deleted database: noticed after {:?}, health {:?}; process up {}; \
+         acks sent meanwhile {}; exit on SIGTERM {exit}; {sent} readings sent, {acked} \
+         acknowledged, all in the moved files ({stored} there); no new file at the path: {}; \
+         integrity {}",
+        f.noticed,
+        f.health,
+        f.still_up,
+        f.acks,
         !db.exists(),
         integrity.trim()
     );
-    assert!(health.contains("is gone"), "{health}");
-    assert!(still_up, "the gateway exited");
-    assert_eq!(acks_after, 0, "acks after the database was gone");
+    assert!(f.health.contains("is gone"), "{}", f.health);
+    assert!(f.still_up, "the gateway exited");
+    assert_eq!(f.acks, 0, "acks after the database was gone");
+    assert!(exit.success(), "exit {exit}");
     assert!(acked > 10_000);
     assert!(!db.exists(), "a new empty database was created at the path");
     assert_eq!(integrity.trim(), "ok");
@@ -543,78 +544,31 @@ fn a_read_only_database_acks_nothing_and_ingest_resumes_when_writable() -> anyho
     };
     let db = at.join("gw.db");
     let fleet = provision(dir.path(), &db, 20)?;
-    let token = at.join("admin.token");
-    let mut gw = TestGateway::start(&db, &[])?;
-    let log = dir.path().join("sent.csv");
-    let mut cmd = sim(gw.udp, &fleet);
-    cmd.args(["--ack", "--rate", "500", "--batch", "10", "--duration", "0"])
-        .args(["--retries", "1000", "--ack-timeout", "250ms"])
-        .args(["--readings-log", path(&log)])
-        .stdout(std::process::Stdio::null());
-    let mut child = KillOnDrop(cmd.spawn()?);
-    wait_until(Duration::from_secs(30), "load before", || {
-        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
-        Ok(metric(&m, "gateway_readings_committed_total") > 20_000)
-    })?;
+    let mut load = Loaded::start(&db, &fleet, "500", 20_000)?;
     let files = vec![db.clone(), db.with_extension("db-wal")];
     immutable(&files, true)?;
-    let result = (|| -> anyhow::Result<_> {
-        let mut health = String::new();
-        wait_until(
-            Duration::from_secs(10),
-            "health to report the error",
-            || {
-                let (code, body) = admin_get(gw.admin, &token, "/healthz")?;
-                health = body;
-                Ok(code == 503)
-            },
-        )?;
-        let (_, m0) = admin_get(gw.admin, &token, "/metrics")?;
-        let t0 = tokio::time::Instant::now();
-        wait_until(Duration::from_secs(10), "three read-only seconds", || {
-            Ok(t0.elapsed() >= Duration::from_secs(3))
-        })?;
-        let (_, m1) = admin_get(gw.admin, &token, "/metrics")?;
-        Ok((health, m0, m1, gw.child.try_wait()?.is_none()))
-    })();
+    // Writable again whatever happened, before any error is reported.
+    let failing = load.failing(tokio::time::Instant::now(), Duration::from_secs(10));
     immutable(&files, false)?;
-    let (health, m0, m1, still_up) = result?;
-    let freed = tokio::time::Instant::now();
-    wait_until(Duration::from_secs(30), "commits once writable", || {
-        let (_, m) = admin_get(gw.admin, &token, "/metrics")?;
-        Ok(metric(&m, "gateway_readings_committed_total")
-            > metric(&m1, "gateway_readings_committed_total"))
-    })?;
-    let resumed = freed.elapsed();
-    let (code, _) = admin_get(gw.admin, &token, "/healthz")?;
-    let base = counter(&stats(&db)?, "readings_committed");
-    wait_until(Duration::from_secs(60), "load afterwards", || {
-        Ok(counter(&stats(&db)?, "readings_committed") >= base + 10_000)
-    })?;
-    signal(child.id(), "INT")?;
-    let status = child.wait()?;
-    assert!(status.success(), "device-sim exit {status}");
-    gw.signal("TERM")?;
-    gw.wait_exit(Duration::from_secs(30))?;
-    let sent = read_sent(&log)?;
-    let stored = query_all(&db)?;
-    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
-    let integrity = integrity(&db)?;
-    let committed = metric(&m1, "gateway_readings_committed_total")
-        - metric(&m0, "gateway_readings_committed_total");
-    let acks = metric(&m1, "gateway_acks_sent_total") - metric(&m0, "gateway_acks_sent_total");
+    let f = failing?;
+    let (resumed, code) = load.resumed(&f, 10_000)?;
+    let (sent, acked, stored, integrity, _) = load.finish(&db)?;
     println!(
-        "RESULT read-only database: health {health:?}; in 3 s read-only {committed} readings \
-         committed, {acks} acks sent; process up {still_up}; ingest resumed {resumed:?} after \
-         the files were writable again (health then {code}); {} readings sent, {acked} \
-         acknowledged, all stored; {stored_n} stored, none foreign; integrity {}",
-        sent.len(),
+        "RESULT read-only database: health {:?}; in {:.1} s read-only {} readings committed, \
+         {} acks sent; process up {}; ingest resumed {resumed:?} after the files were \
+         writable again (health then {code}); {sent} readings sent, {acked} acknowledged, all \
+         stored; {stored} stored, none foreign; integrity {}",
+        f.health,
+        f.secs,
+        f.committed,
+        f.acks,
+        f.still_up,
         integrity.trim()
     );
-    assert!(health.contains("database"), "{health}");
-    assert!(still_up);
-    assert_eq!(committed, 0);
-    assert_eq!(acks, 0);
+    assert!(f.health.contains("database"), "{}", f.health);
+    assert!(f.still_up);
+    assert_eq!(f.committed, 0);
+    assert_eq!(f.acks, 0);
     assert!(
         resumed < Duration::from_secs(5),
         "resumed after {resumed:?}"
