@@ -160,7 +160,9 @@ impl ControlServer {
         registry: Registry,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_sessions.get()));
-        let cfg_limit = (cfg.auth_failures_per_s, cfg.auth_failures_burst);
+        let auth_limit =
+            crate::limit::from_settings(cfg.auth_failures_per_s, cfg.auth_failures_burst)
+                .map(Mutex::new);
         Self {
             listener,
             acceptor: tls.map(tokio_rustls::TlsAcceptor::from),
@@ -173,7 +175,7 @@ impl ControlServer {
                 per_ip: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 start_gate: Semaphore::new(START_GATE),
-                auth_limit: crate::limit::from_settings(cfg_limit.0, cfg_limit.1).map(Mutex::new),
+                auth_limit,
             }),
             limit,
         }

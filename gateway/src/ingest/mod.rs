@@ -290,7 +290,7 @@ impl Listener {
         let received = Instant::now();
         self.counters.datagrams_received.fetch_add(1, Relaxed);
         if let Some(limiter) = self.limiter.as_mut()
-            && limiter.is_limited(peer.ip(), tokio::time::Instant::now())
+            && limiter.is_limited(peer.ip(), received)
         {
             self.counters.dropped(DropReason::AuthLimited);
             return false;
