@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use proto::control::{
     Command, CommandOutcome, DeviceConfig, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL,
-    TransferId, auth_proof, decode_frame, encode_frame,
+    TransferId, auth_proof, decode_frame, encode_frame, rotation_proof,
 };
 use proto::{DeviceId, DeviceKey};
 use rand::rngs::SmallRng;
@@ -147,6 +147,7 @@ pub(crate) struct ControlOutcome {
     pub failures: u64,
     pub commands: u64,
     pub files: Vec<crate::report::FileReport>,
+    pub key_rotations: u64,
 }
 
 /// Why a session ended.
@@ -190,9 +191,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 }
 
 /// Runs a device's control session until `cancel`, reconnecting after drops.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     device: DeviceId,
-    key: DeviceKey,
+    keys: Arc<crate::keys::KeyRing>,
+    persist: Option<Arc<tokio::sync::Notify>>,
     target: ControlTarget,
     live: Arc<LiveConfig>,
     progress: Arc<crate::Progress>,
@@ -207,7 +210,7 @@ pub(crate) async fn run(
     loop {
         let end = tokio::select! {
             _ = cancel.cancelled() => SessionEnd::Cancelled,
-            end = session(device, &key, &target, &live, &progress.control, &mut outcome, &mut applied, &mut sink, &mut backoff, &cancel) => end,
+            end = session(device, &keys, persist.as_deref(), &target, &live, &progress.control, &mut outcome, &mut applied, &mut sink, &mut backoff, &cancel) => end,
         };
         if matches!(end, SessionEnd::Cancelled) {
             outcome.files = std::mem::take(&mut sink.done);
@@ -230,7 +233,8 @@ pub(crate) async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn session(
     device: DeviceId,
-    key: &DeviceKey,
+    keys: &crate::keys::KeyRing,
+    persist: Option<&tokio::sync::Notify>,
     target: &ControlTarget,
     live: &LiveConfig,
     progress: &ControlProgress,
@@ -265,8 +269,8 @@ async fn session(
                 out: Vec::new(),
             };
             run_session(
-                conn, device, key, &binding, live, progress, outcome, applied, sink, backoff,
-                cancel,
+                conn, device, keys, persist, &binding, live, progress, outcome, applied, sink,
+                backoff, cancel,
             )
             .await
         }
@@ -279,7 +283,8 @@ async fn session(
             run_session(
                 conn,
                 device,
-                key,
+                keys,
+                persist,
                 &[],
                 live,
                 progress,
@@ -298,7 +303,8 @@ async fn session(
 async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     mut conn: Conn<S>,
     device: DeviceId,
-    key: &DeviceKey,
+    keys: &crate::keys::KeyRing,
+    persist: Option<&tokio::sync::Notify>,
     binding: &[u8],
     live: &LiveConfig,
     progress: &ControlProgress,
@@ -322,7 +328,13 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(GatewayMsg::Challenge { server_nonce }) = conn.read().await else {
         return SessionEnd::Dropped;
     };
-    let proof = auth_proof(key, device, &client_nonce, &server_nonce, binding);
+    let proof = auth_proof(
+        &keys.current(),
+        device,
+        &client_nonce,
+        &server_nonce,
+        binding,
+    );
     if !conn.write(&DeviceMsg::Auth { proof }).await {
         return SessionEnd::Dropped;
     }
@@ -387,6 +399,28 @@ async fn run_session<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         Ok(None) => {}
                         Err(_) => break SessionEnd::Dropped,
+                    }
+                }
+                // A key only ever comes inside TLS; one sent in the clear is ignored.
+                Some(GatewayMsg::RotateKey { version, key }) if !binding.is_empty() => {
+                    let key = DeviceKey(key);
+                    let before = keys.installed();
+                    let n = keys.install(key.clone());
+                    // Stored before it is confirmed: a device that loses a key it confirmed
+                    // could never authenticate again.
+                    if let Some(persist) = persist {
+                        persist.notify_one();
+                        tokio::select! {
+                            _ = cancel.cancelled() => break SessionEnd::Cancelled,
+                            _ = keys.wait_saved(n) => {}
+                        }
+                    }
+                    if n != before {
+                        outcome.key_rotations += 1;
+                    }
+                    let proof = rotation_proof(&key, device, version, binding);
+                    if !conn.write(&DeviceMsg::KeyRotated { version, proof }).await {
+                        break SessionEnd::Dropped;
                     }
                 }
                 Some(GatewayMsg::Config { config }) => {

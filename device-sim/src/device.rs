@@ -51,10 +51,14 @@ pub(crate) struct Behaviour {
     pub progress: Arc<Progress>,
     pub control: Option<crate::control::ControlTarget>,
     pub seed: u64,
+    /// Asks for the fleet file to be written now (a rotated key); None without a fleet file.
+    pub persist_keys: Option<Arc<tokio::sync::Notify>>,
 }
 
 struct Pending {
     bytes: Vec<u8>,
+    /// The key install count it was sealed under (see [`crate::keys::KeyRing`]).
+    sealed_under: u64,
     readings: u64,
     first_sent: Instant,
     tries: u32,
@@ -84,7 +88,12 @@ pub(crate) struct Device {
     sample_index: u64,
     /// Period, batch and sensors; commands and config pushes change them.
     pub(crate) live: Arc<crate::control::LiveConfig>,
-    pub(crate) key: proto::DeviceKey,
+    /// Keys shared with the control session, which installs rotated ones.
+    pub(crate) keys: Arc<crate::keys::KeyRing>,
+    /// The key before `spec.cipher`: acks of datagrams sealed before a rotation open with it.
+    previous: Option<Cipher>,
+    /// The install count `spec.cipher` belongs to.
+    installed: u64,
 }
 
 fn now_ms() -> u64 {
@@ -95,7 +104,7 @@ fn now_ms() -> u64 {
 }
 
 impl Device {
-    pub(crate) fn new(spec: DeviceSpec, key: proto::DeviceKey, b: Behaviour) -> Self {
+    pub(crate) fn new(spec: DeviceSpec, keys: Arc<crate::keys::KeyRing>, b: Behaviour) -> Self {
         let mut rng = SmallRng::seed_from_u64(
             spec.seed ^ u64::from(spec.id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
@@ -119,7 +128,19 @@ impl Device {
             sent: Vec::new(),
             sample_index: 0,
             live,
-            key,
+            keys,
+            previous: None,
+            installed: 0,
+        }
+    }
+
+    /// Takes up a key the control session installed since the last datagram.
+    fn refresh_key(&mut self) {
+        if self.keys.installed() != self.installed {
+            let (current, previous, installed) = self.keys.ciphers();
+            self.spec.cipher = current;
+            self.previous = previous;
+            self.installed = installed;
         }
     }
 
@@ -142,6 +163,7 @@ impl Device {
             self.report.lease_waits += 1;
             return None;
         }
+        self.refresh_key();
         let seq = self.seq;
         self.seq += 1;
         self.spec.next_seq.store(self.seq, Relaxed);
@@ -219,6 +241,7 @@ impl Device {
             seq,
             Pending {
                 bytes,
+                sealed_under: self.installed,
                 readings: n as u64,
                 first_sent: now,
                 tries: 1,
@@ -229,6 +252,7 @@ impl Device {
 
     /// The ack timeout of datagram `seq`, scheduled after its `tries`-th transmission, ran out.
     pub(crate) fn retransmit(&mut self, seq: u64, tries: u32, out: &mut Out) -> Retransmit {
+        self.refresh_key();
         let Some(p) = self.pending.get_mut(&seq) else {
             return Retransmit::Stale;
         };
@@ -241,6 +265,20 @@ impl Device {
             self.report.unacked += 1;
             return Retransmit::GaveUp;
         }
+        // Sealed under a key the device has since rotated away from: sealed again with the
+        // key in use (the gateway refuses the old one once the rotation is confirmed).
+        if p.sealed_under != self.installed
+            && let Some(previous) = &self.previous
+        {
+            let mut plain = p.bytes.clone();
+            if let Ok((header, batch)) = Batch::open(&mut plain, previous)
+                && let Ok(sealed) = batch.seal(&header, &self.spec.cipher)
+            {
+                p.bytes = sealed.0;
+                p.sealed_under = self.installed;
+                self.report.resealed += 1;
+            }
+        }
         p.tries += 1;
         let tries = p.tries;
         let bytes = p.bytes.clone();
@@ -251,7 +289,14 @@ impl Device {
 
     /// An ack arrived for this device. Returns whether it settled a pending datagram.
     pub(crate) fn on_ack(&mut self, datagram: &[u8]) -> bool {
-        let Ok(ack) = Ack::open(datagram, &self.spec.cipher) else {
+        self.refresh_key();
+        // Acks come under the key their datagram was sealed with: the old one for datagrams
+        // sent before a rotation.
+        let opened = Ack::open(datagram, &self.spec.cipher).or_else(|e| match &self.previous {
+            Some(previous) => Ack::open(datagram, previous),
+            None => Err(e),
+        });
+        let Ok(ack) = opened else {
             return false;
         };
         if ack.device != self.spec.id {

@@ -75,7 +75,8 @@ impl Group {
             for d in &self.devices {
                 let session = crate::control::run(
                     d.spec.id,
-                    d.key.clone(),
+                    d.keys.clone(),
+                    self.b.persist_keys.clone(),
                     target.clone(),
                     d.live.clone(),
                     self.b.progress.clone(),
@@ -98,6 +99,7 @@ impl Group {
                         r.control_failures = c.failures;
                         r.commands = c.commands;
                         r.files = c.files;
+                        r.key_rotations = c.key_rotations;
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "control session task failed"),

@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`fleet`] — the fleet file (devices, keys, sequence counters).
+//! - `keys`: a device's keys, shared by its telemetry and its control session (rotation).
 //! - [`model`] — sensor signal models (pure, seeded).
 //! - `device`: one device as a state machine (no I/O).
 //! - `group`: devices sharing a socket and a task, and their timers.
@@ -15,6 +16,7 @@
 
 pub mod control;
 pub mod fleet;
+mod keys;
 pub mod model;
 pub mod report;
 
@@ -206,6 +208,9 @@ pub async fn run(
     let period = Duration::from_secs_f64(cfg.batch as f64 / cfg.rate);
     let lease = (LEASE_SECS / period.as_secs_f64()).ceil() as u64 + 16;
     let progress_handle = progress.clone();
+    // Rotated keys are written to the fleet file at once: a device confirms a new key only
+    // once it is stored.
+    let persist_keys = Arc::new(tokio::sync::Notify::new());
     let behaviour = Behaviour {
         period,
         batch: cfg.batch,
@@ -217,6 +222,7 @@ pub async fn run(
         progress,
         control: cfg.control.clone(),
         seed: cfg.seed,
+        persist_keys: cfg.fleet_path.as_ref().map(|_| persist_keys.clone()),
     };
     let counters: Vec<Arc<AtomicU64>> = fleet.devices[..count]
         .iter()
@@ -234,12 +240,30 @@ pub async fn run(
             }))
         })
         .collect();
-    let save_leased = |fleet: &mut FleetFile| -> Result<(), FleetError> {
+    let rings = fleet.devices[..count]
+        .iter()
+        .map(|d| Ok(Arc::new(keys::KeyRing::new(d.device_key()?))))
+        .collect::<Result<Vec<_>, FleetError>>()?;
+    // Writes counters and keys; returns the install count of each key written.
+    let write_fleet = |fleet: &mut FleetFile, lease: u64| -> Result<(), FleetError> {
+        let mut installed = Vec::with_capacity(rings.len());
+        for ((d, c), ring) in fleet.devices.iter_mut().zip(&counters).zip(&rings) {
+            d.next_seq = c.load(Relaxed) + lease;
+            // The count first: a key installed in between is then only under-reported.
+            installed.push(ring.installed());
+            d.key = ring.current().to_hex();
+        }
         if let Some(path) = &cfg.fleet_path {
-            for (d, c) in fleet.devices.iter_mut().zip(&counters) {
-                d.next_seq = c.load(Relaxed) + lease;
-            }
             fleet.save(path)?;
+        }
+        for (ring, n) in rings.iter().zip(installed) {
+            ring.mark_saved(n);
+        }
+        Ok(())
+    };
+    let save_leased = |fleet: &mut FleetFile| -> Result<(), FleetError> {
+        if cfg.fleet_path.is_some() {
+            write_fleet(fleet, lease)?;
             for (d, l) in fleet.devices.iter().zip(&limits) {
                 l.store(d.next_seq, Relaxed);
             }
@@ -258,7 +282,7 @@ pub async fn run(
     let mut set = JoinSet::new();
     let mut members = Vec::with_capacity(cfg.devices_per_socket.min(count));
     let devices = fleet.devices[..count].iter().zip(&counters).zip(&limits);
-    for (n, ((d, next_seq), limit)) in devices.enumerate() {
+    for (n, (((d, next_seq), limit), ring)) in devices.zip(&rings).enumerate() {
         let spec = DeviceSpec {
             id: d.device_id(),
             cipher: d.device_key()?.cipher(),
@@ -267,7 +291,7 @@ pub async fn run(
             next_seq: next_seq.clone(),
             seq_limit: limit.clone(),
         };
-        members.push(Device::new(spec, d.device_key()?, behaviour.clone()));
+        members.push(Device::new(spec, ring.clone(), behaviour.clone()));
         if members.len() == cfg.devices_per_socket || n + 1 == count {
             let socket = group_socket(bind, cfg.gateway, members.len()).await?;
             let group = Group::new(socket, std::mem::take(&mut members), behaviour.clone());
@@ -295,14 +319,14 @@ pub async fn run(
                     tracing::warn!(%error, "fleet checkpoint failed");
                 }
             }
+            _ = persist_keys.notified() => {
+                if let Err(error) = save_leased(&mut fleet) {
+                    tracing::warn!(%error, "fleet file not written: a rotated key stays unconfirmed");
+                }
+            }
         }
     }
-    for (d, c) in fleet.devices.iter_mut().zip(&counters) {
-        d.next_seq = c.load(Relaxed);
-    }
-    if let Some(path) = &cfg.fleet_path {
-        fleet.save(path)?;
-    }
+    write_fleet(&mut fleet, 0)?;
     let mut report = Report::from_devices(reports, start.elapsed().as_secs_f64(), cfg.ack);
     report.ack_latency = progress_handle.ack_latency_summary();
     readings.sort_by_key(|r| (r.device, r.seq, r.idx));

@@ -88,6 +88,12 @@ pub struct DeviceReport {
     /// Files received over the control session.
     #[serde(default)]
     pub files: Vec<FileReport>,
+    /// Keys received over the control session, stored and confirmed.
+    #[serde(default)]
+    pub key_rotations: u64,
+    /// Retransmissions sealed again because the key changed after the first transmission.
+    #[serde(default)]
+    pub resealed: u64,
     /// Faults injected.
     pub faults: FaultCounts,
 }

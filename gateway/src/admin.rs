@@ -51,8 +51,10 @@ pub struct AdminState {
     pub files_dir: std::path::PathBuf,
     /// Largest accepted file.
     pub max_file_size: u64,
-    /// Revocations for the ingest task.
+    /// Revocations and key changes for the ingest task.
     pub device_changes: tokio::sync::mpsc::Sender<crate::ingest::DeviceChange>,
+    /// Whether the control listener runs TLS (keys are only ever sent inside it).
+    pub control_tls: bool,
 }
 
 /// The token: the configured one, or the one in `file` (created with mode 0600 when missing).
@@ -257,6 +259,79 @@ async fn revoke_device(State(state): State<Arc<AdminState>>, Path(id): Path<u32>
     Json(Revoked {
         device: id,
         session_closed,
+    })
+    .into_response()
+}
+
+/// What `POST /api/v1/devices/{id}/rotate-key` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RotationStarted {
+    /// The device.
+    pub device: u32,
+    /// The version the new key gets once the device confirms it.
+    pub version: u32,
+    /// A rotation already waited and is resumed (its key is sent again, not replaced).
+    pub resumed: bool,
+    /// Handed to the device's live session now; otherwise it is sent when the device connects.
+    pub delivered: bool,
+}
+
+/// Starts a key rotation: the new key is stored as pending (so it survives a restart), the
+/// ingest task accepts it beside the old one, and the device's live session sends it. The old
+/// key is refused once the device confirms (see `control::session`).
+async fn rotate_key(State(state): State<Arc<AdminState>>, Path(id): Path<u32>) -> Response {
+    if !state.control_tls {
+        return error(
+            StatusCode::CONFLICT,
+            "the control listener runs without TLS: keys are never sent in the clear",
+        );
+    }
+    let device = DeviceId(id);
+    let (version, key, resumed) = match state.store.start_rotation(device).await {
+        Ok(crate::store::Rotation::Pending {
+            version,
+            key,
+            resumed,
+        }) => (version, key, resumed),
+        Ok(crate::store::Rotation::NoDevice) => {
+            return error(StatusCode::NOT_FOUND, format!("no device {id}"));
+        }
+        Ok(crate::store::Rotation::Revoked) => {
+            return error(StatusCode::CONFLICT, format!("device {id} is revoked"));
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    if state
+        .device_changes
+        .send(crate::ingest::DeviceChange::NextKey(device, key))
+        .await
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is stopping; the rotation is stored and resumes at the next start",
+        );
+    }
+    let handle = state
+        .sessions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&device)
+        .cloned();
+    let delivered =
+        handle.is_some_and(|h| h.tx.try_send(crate::control::Outbound::KeyPending).is_ok());
+    tracing::info!(
+        device = id,
+        version,
+        resumed,
+        delivered,
+        "key rotation started"
+    );
+    Json(RotationStarted {
+        device: id,
+        version,
+        resumed,
+        delivered,
     })
     .into_response()
 }
@@ -556,6 +631,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
             get(get_config).put(put_config),
         )
         .route("/api/v1/devices/{id}/revoke", post(revoke_device))
+        .route("/api/v1/devices/{id}/rotate-key", post(rotate_key))
         .route("/api/v1/files", post(send_file))
         .route("/api/v1/transfers", get(list_transfers))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

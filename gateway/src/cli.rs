@@ -395,6 +395,82 @@ fn revoke_online(admin: &AdminArgs, id: u32) -> anyhow::Result<Option<crate::adm
     }
 }
 
+/// `gateway devices rotate-key`: starts the rotation through the admin API, then, with
+/// `wait`, polls the device list until the device confirms.
+fn rotate_key(admin: &AdminArgs, id: u32, wait: Option<Duration>) -> anyhow::Result<()> {
+    let agent = admin.agent();
+    let token = admin.token()?;
+    let sent = agent
+        .post(&admin.url(&format!("/api/v1/devices/{id}/rotate-key")))
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_empty();
+    let resp = match sent {
+        Err(ureq::Error::Io(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            bail!(
+                "no gateway answered at {}: a key rotation needs the running gateway to deliver \
+                 the key",
+                admin.admin
+            )
+        }
+        Err(ureq::Error::ConnectionFailed) => bail!(
+            "no gateway answered at {}: a key rotation needs the running gateway to deliver the key",
+            admin.admin
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("reaching the gateway at {}", admin.admin));
+        }
+        Ok(resp) => resp,
+    };
+    let started: crate::admin::RotationStarted = serde_json::from_str(&answer(resp)?)?;
+    println!(
+        "device {id}: key version {} {}; {}",
+        started.version,
+        if started.resumed {
+            "was already pending and is sent again"
+        } else {
+            "made"
+        },
+        if started.delivered {
+            "sent to its live session"
+        } else {
+            "it is sent when the device connects"
+        }
+    );
+    let Some(wait) = wait else {
+        println!("both keys are accepted until the device confirms the new one");
+        return Ok(());
+    };
+    let deadline = std::time::SystemTime::now() + wait;
+    loop {
+        let resp = agent
+            .get(&admin.url("/api/v1/devices"))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .with_context(|| format!("reaching the gateway at {}", admin.admin))?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&answer(resp)?)?;
+        let confirmed = rows.iter().any(|r| {
+            r["id"].as_u64() == Some(u64::from(id))
+                && r["key_version"].as_u64() >= Some(u64::from(started.version))
+        });
+        if confirmed {
+            println!(
+                "device {id} confirmed key version {}: the old key is refused",
+                started.version
+            );
+            return Ok(());
+        }
+        if std::time::SystemTime::now() >= deadline {
+            bail!(
+                "device {id} has not confirmed key version {} within {}; the rotation stays \
+                 pending (both keys are accepted) and completes when the device confirms",
+                started.version,
+                humantime::format_duration(wait)
+            );
+        }
+        progress_pause();
+    }
+}
+
 /// `gateway commands ...`
 #[derive(Debug, Subcommand)]
 pub enum CommandsCommand {
@@ -736,6 +812,18 @@ pub enum DevicesCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Rotate a device's key: a new key is sent over its TLS control session (at once when it
+    /// is connected, otherwise when it connects) and the old key is refused once the device
+    /// confirms; until then both work. Needs the running gateway.
+    RotateKey {
+        /// The device.
+        id: u32,
+        /// Wait this long for the device to confirm (e.g. 30s); without it, return at once.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// List devices with their counts (keys are never shown).
     List {
         /// Output format.
@@ -950,6 +1038,10 @@ pub async fn devices(cmd: DevicesCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        DevicesCommand::RotateKey { id, wait, admin } => {
+            drop(out);
+            tokio::task::spawn_blocking(move || rotate_key(&admin, id, wait)).await??;
+        }
         DevicesCommand::List { format, db } => {
             let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
             let rows = store.list_devices().await?;
@@ -1065,10 +1157,11 @@ fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -
         ListFormat::Table => {
             writeln!(
                 out,
-                "{:>10}  {:<20}  {:<7}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
+                "{:>10}  {:<20}  {:<7}  {:<4}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
                 "id",
                 "name",
                 "control",
+                "key",
                 "datagrams",
                 "readings",
                 "lost",
@@ -1079,7 +1172,7 @@ fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -
             for r in rows {
                 writeln!(
                     out,
-                    "{:>10}  {:<20}  {:<7}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
+                    "{:>10}  {:<20}  {:<7}  {:<4}  {:>10}  {:>12}  {:>8}  {:>8}  {:<24}  {:<24}",
                     r.id,
                     r.name,
                     if r.revoked_ms.is_some() {
@@ -1089,6 +1182,7 @@ fn print_devices(out: &mut impl Write, rows: &[DeviceRow], format: ListFormat) -
                     } else {
                         "offline"
                     },
+                    format!("v{}{}", r.key_version, if r.key_pending { "+" } else { "" }),
                     r.datagrams,
                     r.readings,
                     r.lost,

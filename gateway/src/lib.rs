@@ -263,6 +263,7 @@ impl Gateway {
             presence_tx,
             control_counters.clone(),
             sessions.clone(),
+            device_changes.clone(),
         );
         tracker.spawn(server.run(cancel.clone(), tracker.clone()));
         if cfg.service.return_memory {
@@ -302,6 +303,7 @@ impl Gateway {
             files_dir: cfg.files_dir(),
             max_file_size: cfg.control.max_file_size,
             device_changes,
+            control_tls: control_tls.is_some(),
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

@@ -34,6 +34,8 @@ pub const LEN_PREFIX: usize = 4;
 pub const AUTH_CONTEXT: &[u8] = b"sensor-gateway control auth v1";
 /// Label of the TLS exporter that binds the proof to the TLS session.
 pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-sensor-gateway-control-v1";
+/// Domain separation of the key-rotation proof.
+pub const ROTATE_CONTEXT: &[u8] = b"sensor-gateway key rotation v1";
 
 /// Identifies a command; unique per gateway, so a device applies each at most once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -149,6 +151,13 @@ pub enum DeviceMsg {
         /// Whether it matched the offer.
         ok: bool,
     },
+    /// The key of a `RotateKey` is stored and in use from now on.
+    KeyRotated {
+        /// The version from `RotateKey`.
+        version: u32,
+        /// See [`rotation_proof`]: made with the new key.
+        proof: [u8; 32],
+    },
 }
 
 /// Frames sent by the gateway. Variants are only ever appended.
@@ -202,6 +211,15 @@ pub enum GatewayMsg {
         offset: u64,
         /// At most [`MAX_CHUNK`] bytes.
         data: Vec<u8>,
+    },
+    /// Use this key from now on (only ever sent inside TLS). The device stores it durably,
+    /// seals everything with it and answers `KeyRotated`; a resend of the same version is
+    /// answered again.
+    RotateKey {
+        /// Version of the new key (the device's first key is version 1).
+        version: u32,
+        /// The new 256-bit key.
+        key: [u8; 32],
     },
 }
 
@@ -333,6 +351,50 @@ pub fn verify_proof(
         .is_ok()
 }
 
+fn rotation_mac(
+    new_key: &DeviceKey,
+    device: DeviceId,
+    version: u32,
+    binding: &[u8],
+) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&new_key.0)
+        .expect("HMAC takes keys of any length");
+    mac.update(ROTATE_CONTEXT);
+    mac.update(&device.0.to_le_bytes());
+    mac.update(&version.to_le_bytes());
+    mac.update(&(binding.len() as u32).to_le_bytes());
+    mac.update(binding);
+    mac
+}
+
+/// The proof that a device holds the key of a `RotateKey`: HMAC-SHA256 under the new key over
+/// [`ROTATE_CONTEXT`], device id (u32 LE), key version (u32 LE), the binding's length (u32 LE)
+/// and the binding of the session it was delivered in.
+pub fn rotation_proof(
+    new_key: &DeviceKey,
+    device: DeviceId,
+    version: u32,
+    binding: &[u8],
+) -> [u8; 32] {
+    rotation_mac(new_key, device, version, binding)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Checks a rotation proof in constant time.
+pub fn verify_rotation(
+    new_key: &DeviceKey,
+    device: DeviceId,
+    version: u32,
+    binding: &[u8],
+    proof: &[u8; 32],
+) -> bool {
+    rotation_mac(new_key, device, version, binding)
+        .verify_slice(proof)
+        .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +471,25 @@ mod tests {
         assert_eq!(sanitize_name(""), "file");
         assert_eq!(sanitize_name("/"), "file");
         assert_eq!(sanitize_name(&"x".repeat(500)).len(), 128);
+    }
+
+    #[test]
+    fn rotation_proof_depends_on_every_input() {
+        let key = DeviceKey([4; 32]);
+        let p = rotation_proof(&key, DeviceId(1), 2, b"tls");
+        assert!(verify_rotation(&key, DeviceId(1), 2, b"tls", &p));
+        assert!(!verify_rotation(
+            &DeviceKey([5; 32]),
+            DeviceId(1),
+            2,
+            b"tls",
+            &p
+        ));
+        assert!(!verify_rotation(&key, DeviceId(2), 2, b"tls", &p));
+        assert!(!verify_rotation(&key, DeviceId(1), 3, b"tls", &p));
+        assert!(!verify_rotation(&key, DeviceId(1), 2, b"other", &p));
+        // Not interchangeable with a session proof.
+        assert_ne!(p, auth_proof(&key, DeviceId(1), &[0; 16], &[0; 32], b"tls"));
     }
 
     #[test]

@@ -213,8 +213,9 @@ impl Batch {
     }
 
     /// Authenticates and decrypts a datagram whose header was parsed by [`Header::peek`],
-    /// in place, and decodes its batch. `datagram` is left holding plaintext on success and
-    /// unspecified bytes on failure.
+    /// in place, and decodes its batch. `datagram` is left holding plaintext on success,
+    /// unchanged on [`DecodeError::BadTag`] (the tag is checked before anything is decrypted,
+    /// so a receiver may try a second key), and unspecified bytes on other failures.
     ///
     /// # Errors
     /// [`DecodeError::BadTag`] when the key does not match or any bit was changed,

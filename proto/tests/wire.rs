@@ -248,6 +248,19 @@ fn print_golden_vectors() {
     println!("golden ack: {}", hex::encode(ack));
 }
 
+/// A receiver that knows two keys of a device (during a key rotation) tries the second after the
+/// first fails, on the same buffer: a wrong key must leave the datagram as it was.
+#[test]
+fn a_wrong_key_leaves_the_datagram_unchanged() {
+    let (header, batch) = golden_batch();
+    let sealed = batch.seal(&header, &key().cipher()).unwrap().0;
+    let mut d = sealed.clone();
+    let other = proto::DeviceKey([0x33; 32]).cipher();
+    assert_eq!(Batch::open(&mut d, &other), Err(DecodeError::BadTag));
+    assert_eq!(d, sealed);
+    assert_eq!(Batch::open(&mut d, &key().cipher()).unwrap().1, batch);
+}
+
 #[test]
 fn authentic_but_malformed_payloads_are_bad_payload() {
     let cipher = key().cipher();
@@ -280,6 +293,45 @@ fn authentic_but_malformed_payloads_are_bad_payload() {
         Batch::open(&mut d, &cipher),
         Err(DecodeError::TooManyReadings { count: 51, .. })
     ));
+}
+
+/// The key-rotation vectors: `RotateKey { version: 2, key: 32 × 0x33 }` and the device's proof
+/// for device 7 with an empty binding.
+fn rotation_golden() -> (Vec<u8>, [u8; 32]) {
+    use proto::control::*;
+    let mut rotate = Vec::new();
+    encode_frame(
+        &GatewayMsg::RotateKey {
+            version: 2,
+            key: [0x33; 32],
+        },
+        MAX_FRAME,
+        &mut rotate,
+    )
+    .unwrap();
+    let proof = rotation_proof(&proto::DeviceKey([0x33; 32]), DeviceId(7), 2, b"");
+    (rotate, proof)
+}
+
+#[test]
+fn rotation_golden_vectors_match_protocol_md() {
+    let (rotate, proof) = rotation_golden();
+    assert_eq!(
+        hex::encode(rotate),
+        hex::encode(golden("control-rotate-key"))
+    );
+    assert_eq!(
+        hex::encode(proof),
+        hex::encode(golden("control-rotation-proof"))
+    );
+}
+
+#[test]
+#[ignore]
+fn print_rotation_golden_vectors() {
+    let (rotate, proof) = rotation_golden();
+    println!("golden control-rotate-key: {}", hex::encode(rotate));
+    println!("golden control-rotation-proof: {}", hex::encode(proof));
 }
 
 fn control_golden() -> (Vec<u8>, Vec<u8>, Vec<u8>, [u8; 32]) {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use e2e::*;
 use proto::control::{
     DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, auth_proof, decode_frame,
@@ -669,5 +671,184 @@ fn a_revoked_device_is_refused_at_once_and_after_a_restart() -> anyhow::Result<(
     // Revoking an unknown device is an error, not a silent success.
     let err = gateway(&["devices", "revoke", "999", "--db", path(&db)]).unwrap_err();
     assert!(err.to_string().contains("no device 999"), "{err}");
+    Ok(())
+}
+
+/// `gateway devices rotate-key` under load with acks: one device rotated while offline (it gets
+/// the key when it connects), one while its session is live. Every acked reading is stored,
+/// nothing is left unacked across the switch, the simulator's fleet file holds the new keys,
+/// the old keys are refused on both channels, and the new ones work after a restart.
+#[test]
+fn a_rotated_key_replaces_the_old_one_without_losing_an_acked_reading() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet_path = provision(dir.path(), &db, 3)?;
+    // Device 3's sequence numbers below 100 are left for this test's own datagrams.
+    let mut fleet = device_sim::fleet::FleetFile::load(&fleet_path)?;
+    fleet.devices[2].next_seq = 100;
+    fleet.save(&fleet_path)?;
+    let original = dir.path().join("original-fleet.json");
+    std::fs::copy(&fleet_path, &original)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let admin = gw.admin.to_string();
+    let rotate = |id: &str, wait: Option<&str>| {
+        let mut args = vec![
+            "devices",
+            "rotate-key",
+            id,
+            "--admin",
+            &admin,
+            "--db",
+            path(&db),
+        ];
+        if let Some(w) = wait {
+            args.extend(["--wait", w]);
+        }
+        gateway(&args)
+    };
+    // Device 3 is offline: the rotation waits for it, and its old key still works meanwhile.
+    let out = rotate("3", None)?;
+    assert!(out.contains("key version 2 made"), "{out}");
+    assert!(out.contains("sent when the device connects"), "{out}");
+    let old3 = RawDevice::new(&original, 2, gw.udp)?;
+    old3.send_acked(&old3.datagram(1, 2), 1)?;
+    // Asking again resumes the same rotation instead of making another key.
+    let out = rotate("3", None)?;
+    assert!(out.contains("already pending"), "{out}");
+    let list = gateway(&["devices", "list", "--db", path(&db)])?;
+    assert!(list.contains("v1+"), "{list}");
+
+    let report = dir.path().join("report.json");
+    let mut cmd = sim(gw.udp, &fleet_path);
+    cmd.args([
+        "--rate",
+        "400",
+        "--batch",
+        "10",
+        "--duration",
+        "6s",
+        "--ack",
+    ])
+    .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
+    .args(["--report", path(&report)])
+    .stdout(std::process::Stdio::null());
+    let mut child = KillOnDrop(cmd.spawn()?);
+    let version = |id: u32| -> anyhow::Result<Option<u64>> {
+        let (_, body) = admin_get(gw.admin, &dir.path().join("admin.token"), "/api/v1/devices")?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        Ok(rows
+            .iter()
+            .find(|r| r["id"] == id)
+            .and_then(|r| r["key_version"].as_u64()))
+    };
+    wait_until(Duration::from_secs(10), "device 3 confirms its key", || {
+        Ok(version(3)? == Some(2))
+    })?;
+    wait_until(Duration::from_secs(10), "device 1 online", || {
+        Ok(online_count(&db)? == 3)
+    })?;
+    // Device 1 is live and sending: rotated mid-stream.
+    let out = rotate("1", Some("10s"))?;
+    assert!(out.contains("sent to its live session"), "{out}");
+    assert!(out.contains("confirmed key version 2"), "{out}");
+    let status = child.wait()?;
+    assert!(status.success(), "device-sim: {status}");
+    let r = read_report(&report)?;
+    for d in &r.devices {
+        assert_eq!(d.unacked, 0, "device {}: {d:?}", d.id);
+        assert_eq!(d.readings_acked, d.readings_sent, "device {}", d.id);
+        let expected = if d.id == 2 { 0 } else { 1 };
+        assert_eq!(d.key_rotations, expected, "device {}: {d:?}", d.id);
+    }
+    assert!(r.readings_acked > 3 * 2000, "{r:?}");
+
+    // The fleet file (the devices' storage) holds the new keys of devices 1 and 3 only.
+    let before = device_sim::fleet::FleetFile::load(&original)?;
+    let after = device_sim::fleet::FleetFile::load(&fleet_path)?;
+    for i in 0..3 {
+        assert_eq!(
+            before.devices[i].key == after.devices[i].key,
+            i == 1,
+            "device {}",
+            i + 1
+        );
+    }
+    // Old keys are refused on both channels; the new ones work. Device 1's next sequence
+    // numbers are used here, so the restarted simulator starts past them.
+    let mut after = after;
+    after.devices[0].next_seq += 10;
+    after.save(&fleet_path)?;
+    let old1 = RawDevice::new(&original, 0, gw.udp)?;
+    old1.socket
+        .set_read_timeout(Some(Duration::from_millis(300)))?;
+    let seq = r
+        .devices
+        .iter()
+        .find(|d| d.id == 1)
+        .context("1")?
+        .last_seq
+        .context("seq")?
+        + 1;
+    assert!(old1.send_acked(&old1.datagram(seq, 2), seq).is_err());
+    let new1 = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    new1.send_acked(&new1.datagram(seq + 1, 2), seq + 1)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (id, old_key, new_key) = (old1.id, old1.key.clone(), new1.key.clone());
+    rt.block_on(async {
+        let nonce = [9u8; 16];
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let answer = c
+            .handshake(id, nonce, |s, b| auth_proof(&old_key, id, &nonce, &s, &b))
+            .await?;
+        assert_eq!(
+            answer,
+            Some(GatewayMsg::Denied {
+                reason: DenyReason::AuthFailed
+            })
+        );
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let answer = c
+            .handshake(id, nonce, |s, b| auth_proof(&new_key, id, &nonce, &s, &b))
+            .await?;
+        assert!(
+            matches!(answer, Some(GatewayMsg::Welcome { .. })),
+            "{answer:?}"
+        );
+        anyhow::Ok(())
+    })?;
+    gw.stop()?;
+    // Every acked reading is stored, once.
+    let stored = query_all(&db)?;
+    for d in &r.devices {
+        let (first, last) = (d.first_seq.context("first")?, d.last_seq.context("last")?);
+        let n = stored
+            .keys()
+            .filter(|k| k.0 == d.id && (first..=last).contains(&k.1))
+            .count() as u64;
+        assert_eq!(n, d.readings_acked, "device {}", d.id);
+    }
+    assert!(
+        counter(&stats(&db)?, "drop_bad_tag") >= 1,
+        "the old key's datagram"
+    );
+    let list = gateway(&["devices", "list", "--db", path(&db)])?;
+    assert!(!list.contains("v1+") && list.contains("v2"), "{list}");
+
+    // After a restart the simulator's stored keys work on both channels.
+    let gw = TestGateway::start(&db, &[])?;
+    let mut cmd = sim(gw.udp, &fleet_path);
+    cmd.args(["--rate", "50", "--batch", "10", "--duration", "2s", "--ack"])
+        .args(["--control", &gw.control.to_string(), "--ca", path(&ca)])
+        .args(["--report", path(&report)])
+        .stdout(std::process::Stdio::null());
+    run_sim(cmd)?;
+    let r = read_report(&report)?;
+    assert_eq!(r.readings_acked, r.readings_sent, "{r:?}");
+    assert!(r.devices.iter().all(|d| d.control_sessions >= 1), "{r:?}");
+    gw.stop()?;
     Ok(())
 }

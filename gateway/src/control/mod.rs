@@ -70,6 +70,8 @@ pub enum Outbound {
     Msg(Box<GatewayMsg>),
     /// A file transfer was queued for the device: start it if idle.
     FilesPending,
+    /// A key rotation was started for the device: send it the pending key.
+    KeyPending,
 }
 
 /// Live sessions by device. A plain mutex: it is never held across an await.
@@ -92,6 +94,8 @@ pub(crate) struct Shared {
     pub start_gate: Semaphore,
     /// Failed connections per source address (None: no limit).
     pub auth_limit: Option<Mutex<AuthLimiter>>,
+    /// Key changes for the ingest task (a confirmed rotation).
+    pub device_changes: mpsc::Sender<crate::ingest::DeviceChange>,
 }
 
 impl Shared {
@@ -149,7 +153,9 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// A server on a bound `listener`; `tls` None serves plain TCP.
+    /// A server on a bound `listener`; `tls` None serves plain TCP. Confirmed key rotations
+    /// are told to the ingest task through `device_changes`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         listener: TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
@@ -158,6 +164,7 @@ impl ControlServer {
         presence: mpsc::Sender<Presence>,
         counters: Arc<ControlCounters>,
         registry: Registry,
+        device_changes: mpsc::Sender<crate::ingest::DeviceChange>,
     ) -> Self {
         let limit = Arc::new(Semaphore::new(cfg.max_sessions.get()));
         let auth_limit =
@@ -176,6 +183,7 @@ impl ControlServer {
                 next_session: AtomicU64::new(1),
                 start_gate: Semaphore::new(START_GATE),
                 auth_limit,
+                device_changes,
             }),
             limit,
         }

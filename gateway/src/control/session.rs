@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use proto::DeviceId;
 use proto::control::{
     CommandOutcome, DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, decode_frame,
-    encode_frame, verify_proof,
+    encode_frame, verify_proof, verify_rotation,
 };
 use proto::control::{MAX_CHUNK, TransferId};
 use rand::RngCore;
@@ -232,6 +232,56 @@ async fn gated<T>(shared: &Shared, step: impl std::future::Future<Output = T>) -
     step.await
 }
 
+/// The device proved that it holds the rotated key of `version`: stored as its key, and the
+/// ingest task told to refuse the old one.
+async fn confirm_rotation(shared: &Shared, device: DeviceId, version: u32, key: &proto::DeviceKey) {
+    match Box::pin(shared.store.confirm_rotation(device, version)).await {
+        Ok(true) => {
+            let _ = shared
+                .device_changes
+                .send(crate::ingest::DeviceChange::KeyConfirmed(
+                    device,
+                    key.clone(),
+                ))
+                .await;
+            tracing::info!(device = device.0, version, "device confirmed its new key");
+        }
+        // Already confirmed (a resent answer), or a newer rotation replaced it.
+        Ok(false) => {}
+        // Stays pending: both keys keep working and the next session confirms it.
+        Err(error) => tracing::warn!(device = device.0, %error, "could not store a confirmed key"),
+    }
+}
+
+/// Sends the device its pending rotated key, if one waits and the session runs over TLS (a
+/// key is never sent in the clear). Returns the rotation now in flight, and false when the
+/// write failed.
+async fn offer_key<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    device: DeviceId,
+    binding: &[u8],
+    shared: &Shared,
+) -> (Option<(u32, proto::DeviceKey)>, bool) {
+    if binding.is_empty() {
+        return (None, true);
+    }
+    let Ok(Some(keys)) = Box::pin(gated(shared, shared.store.device_keys(device))).await else {
+        return (None, true);
+    };
+    let Some(next) = keys.next else {
+        return (None, true);
+    };
+    let version = keys.version.saturating_add(1);
+    let ok = conn
+        .write(&GatewayMsg::RotateKey {
+            version,
+            key: next.0,
+        })
+        .await
+        .is_ok();
+    (Some((version, next)), ok)
+}
+
 /// Authenticates; returns the device or None (already counted and answered).
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
@@ -258,13 +308,24 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         shared.auth_failed(peer.ip());
         return None;
     };
-    let key = gated(shared, shared.store.device_key(device))
+    let keys = gated(shared, shared.store.device_keys(device))
         .await
         .ok()
         .flatten();
-    let ok = key.is_some_and(|key| {
-        verify_proof(&key, device, &client_nonce, &server_nonce, binding, &proof)
-    });
+    let verify = |key| verify_proof(key, device, &client_nonce, &server_nonce, binding, &proof);
+    let ok = match &keys {
+        None => false,
+        Some(k) if verify(&k.key) => true,
+        // Authenticating with a pending rotated key proves the device holds it (its
+        // `KeyRotated` answer was lost): the rotation is confirmed now.
+        Some(k) => match &k.next {
+            Some(next) if verify(next) => {
+                confirm_rotation(shared, device, k.version.saturating_add(1), next).await;
+                true
+            }
+            _ => false,
+        },
+    };
     if !ok {
         shared.counters.rejected_auth.fetch_add(1, Relaxed);
         shared.auth_failed(peer.ip());
@@ -364,6 +425,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if delivered && !Box::pin(files.start(&mut conn, device, shared)).await {
         delivered = false;
     }
+    // A key rotation waiting for this device.
+    let mut rotation = None;
+    if delivered {
+        let (offered, ok) = offer_key(&mut conn, device, binding, shared).await;
+        rotation = offered;
+        delivered = ok;
+    }
     if !delivered {
         reason = "error";
     } else {
@@ -388,6 +456,13 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                         Outbound::FilesPending => {
                             Box::pin(files.start(&mut conn, device, shared)).await
+                        }
+                        Outbound::KeyPending => {
+                            let (offered, ok) = offer_key(&mut conn, device, binding, shared).await;
+                            if offered.is_some() {
+                                rotation = offered;
+                            }
+                            ok
                         }
                     };
                     if !ok {
@@ -451,6 +526,18 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                                     format!("{what}: {detail}")
                                 };
                                 let _ = Box::pin(shared.store.command_answered(device, id, status, &text)).await;
+                            }
+                            DeviceMsg::KeyRotated { version, proof } => {
+                                match rotation.take() {
+                                    Some((v, key)) if v == version && verify_rotation(&key, device, version, binding, &proof) => {
+                                        confirm_rotation(shared, device, version, &key).await;
+                                    }
+                                    other => {
+                                        // The pending key stays; both keys keep working.
+                                        tracing::warn!(device = device.0, version, "key rotation answer does not prove the key sent");
+                                        rotation = other;
+                                    }
+                                }
                             }
                             _ => {}
                         }

@@ -41,6 +41,8 @@ const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 struct Device {
     cipher: Cipher,
+    /// A rotated key the device has not confirmed yet: tried when `cipher` fails.
+    next: Option<Cipher>,
     window: ReplayWindow,
     /// Rejected datagrams not yet reported to the writer.
     rejected: u64,
@@ -52,6 +54,7 @@ impl Device {
     fn new(d: DeviceState) -> Self {
         Self {
             cipher: d.key.cipher(),
+            next: d.next_key.as_ref().map(proto::DeviceKey::cipher),
             window: d.window,
             rejected: 0,
             last_peer: None,
@@ -64,6 +67,10 @@ impl Device {
 pub enum DeviceChange {
     /// Refuse the device's datagrams from now on (counted as `revoked`).
     Revoke(DeviceId),
+    /// A key rotation started: accept this key beside the current one.
+    NextKey(DeviceId, proto::DeviceKey),
+    /// The device confirmed its new key: only this key from now on.
+    KeyConfirmed(DeviceId, proto::DeviceKey),
 }
 
 /// The ingest task.
@@ -127,6 +134,18 @@ impl Listener {
                 self.devices.remove(&id);
                 self.revoked.insert(id);
                 tracing::info!(device = id.0, "device revoked: its datagrams are refused");
+            }
+            DeviceChange::NextKey(id, key) => {
+                if let Some(d) = self.devices.get_mut(&id) {
+                    d.next = Some(key.cipher());
+                }
+            }
+            DeviceChange::KeyConfirmed(id, key) => {
+                if let Some(d) = self.devices.get_mut(&id) {
+                    d.cipher = key.cipher();
+                    d.next = None;
+                    tracing::info!(device = id.0, "new key confirmed: the old one is refused");
+                }
             }
         }
     }
@@ -310,8 +329,16 @@ impl Listener {
             self.counters.dropped(DropReason::UnknownDevice);
             return true;
         };
-        let batch = match Batch::open(datagram, &device.cipher) {
-            Ok((_, batch)) => batch,
+        // While a rotation waits, the new key is tried when the current one fails (opening
+        // checks the tag before it decrypts, so a failed attempt leaves the datagram as it was).
+        let mut opened = Batch::open(datagram, &device.cipher).map(|(_, b)| (b, false));
+        if opened == Err(DecodeError::BadTag)
+            && let Some(next) = &device.next
+        {
+            opened = Batch::open(datagram, next).map(|(_, b)| (b, true));
+        }
+        let (batch, under_next) = match opened {
+            Ok(x) => x,
             Err(e) => {
                 device.rejected += 1;
                 self.counters.dropped(DropReason::from(&e));
@@ -328,13 +355,18 @@ impl Listener {
                 .dropped(DropReason::from(&DecodeError::BadPayload));
             return false;
         }
+        // The ack is sealed with the key the datagram came under.
         let ack = || {
+            let cipher = match (&device.next, under_next) {
+                (Some(next), true) => next,
+                _ => &device.cipher,
+            };
             header.flags.ack_requested().then(|| {
                 Ack {
                     device: header.device,
                     seq: header.seq,
                 }
-                .seal(&device.cipher)
+                .seal(cipher)
             })
         };
         match device.window.check(header.seq.0) {

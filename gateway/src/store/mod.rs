@@ -109,6 +109,38 @@ pub struct DeviceState {
     pub window: ReplayWindow,
     /// Revoked: its datagrams are refused.
     pub revoked: bool,
+    /// A rotated key the device has not confirmed yet: accepted beside `key` until it does.
+    pub next_key: Option<DeviceKey>,
+}
+
+/// A device's keys as a control session needs them.
+#[derive(Debug, Clone)]
+pub struct DeviceKeys {
+    /// The confirmed key.
+    pub key: DeviceKey,
+    /// Its version (1 for the provisioned key, one more per confirmed rotation).
+    pub version: u32,
+    /// The rotated key waiting for the device's confirmation; it will be `version + 1`.
+    pub next: Option<DeviceKey>,
+}
+
+/// What [`Store::start_rotation`] found or did.
+#[derive(Debug, Clone)]
+pub enum Rotation {
+    /// No such device.
+    NoDevice,
+    /// The device is revoked: nothing to rotate.
+    Revoked,
+    /// A new key was made and waits for the device (`resumed` false), or one already waited
+    /// and is kept (`resumed` true: the device may already use it).
+    Pending {
+        /// Version the new key gets once confirmed.
+        version: u32,
+        /// The new key.
+        key: DeviceKey,
+        /// Whether it was already pending.
+        resumed: bool,
+    },
 }
 
 /// A device as `gateway devices list` shows it.
@@ -137,6 +169,21 @@ pub struct DeviceRow {
     /// When it was revoked, ms since the epoch (its key is refused on both channels).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revoked_ms: Option<i64>,
+    /// Version of its confirmed key (1 until the first rotation).
+    pub key_version: u32,
+    /// A rotated key waits for the device's confirmation.
+    pub key_pending: bool,
+}
+
+/// A stored key as a [`DeviceKey`].
+fn key_from(bytes: Vec<u8>) -> Result<DeviceKey, StoreError> {
+    bytes
+        .try_into()
+        .map(DeviceKey)
+        .map_err(|_| StoreError::Corrupt {
+            table: "devices",
+            reason: "key is not 32 bytes",
+        })
 }
 
 /// Handle to the database. Cheap to clone.
@@ -450,10 +497,13 @@ impl Store {
             online: bool,
             control_seen_ms: Option<i64>,
             revoked_ms: Option<i64>,
+            key_version: i64,
+            key_pending: bool,
         }
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, name, created_ms, last_seen_ms, datagrams, readings, first_seq, \
-             max_seq, rejected, online, control_seen_ms, revoked_ms FROM devices ORDER BY id",
+             max_seq, rejected, online, control_seen_ms, revoked_ms, key_version, \
+             next_key IS NOT NULL AS key_pending FROM devices ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -480,6 +530,8 @@ impl Store {
                     online: r.online,
                     control_seen_ms: r.control_seen_ms,
                     revoked_ms: r.revoked_ms,
+                    key_version: r.key_version.clamp(0, i64::from(u32::MAX)) as u32,
+                    key_pending: r.key_pending,
                 }
             })
             .collect())
@@ -490,17 +542,23 @@ impl Store {
     /// # Errors
     /// Driver errors, [`StoreError::Corrupt`] for a key or window of the wrong size.
     pub async fn device_states(&self) -> Result<Vec<DeviceState>, StoreError> {
-        type Row = (i64, Vec<u8>, Option<i64>, Option<Vec<u8>>, bool);
-        let rows: Vec<Row> =
-            sqlx::query_as("SELECT id, key, max_seq, window, revoked_ms IS NOT NULL FROM devices")
-                .fetch_all(&self.pool)
-                .await?;
+        type Row = (
+            i64,
+            Vec<u8>,
+            Option<i64>,
+            Option<Vec<u8>>,
+            bool,
+            Option<Vec<u8>>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, key, max_seq, window, revoked_ms IS NOT NULL, next_key FROM devices",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.into_iter()
-            .map(|(id, key, max, window, revoked)| {
-                let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt {
-                    table: "devices",
-                    reason: "key is not 32 bytes",
-                })?;
+            .map(|(id, key, max, window, revoked, next_key)| {
+                let key = key_from(key)?;
+                let next_key = next_key.map(key_from).transpose()?;
                 let bits = match window {
                     None => 0,
                     Some(w) => {
@@ -512,9 +570,10 @@ impl Store {
                 };
                 Ok(DeviceState {
                     id: DeviceId(id as u32),
-                    key: DeviceKey(key),
+                    key,
                     window: ReplayWindow::from_parts(max.map(|m| m as u64), bits),
                     revoked,
+                    next_key,
                 })
             })
             .collect()
@@ -539,6 +598,90 @@ impl Store {
                 })
         })
         .transpose()
+    }
+
+    /// The keys of one device, if it exists and is not revoked.
+    ///
+    /// # Errors
+    /// Driver errors, [`StoreError::Corrupt`] for a key of the wrong size.
+    pub async fn device_keys(&self, id: DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
+        let row: Option<(Vec<u8>, i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT key, key_version, next_key FROM devices WHERE id = ? AND revoked_ms IS NULL",
+        )
+        .bind(i64::from(id.0))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|(key, version, next)| {
+            Ok(DeviceKeys {
+                key: key_from(key)?,
+                version: version.clamp(0, i64::from(u32::MAX)) as u32,
+                next: next.map(key_from).transpose()?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Starts a key rotation: a fresh random key waits in `next_key` until the device confirms
+    /// it ([`Store::confirm_rotation`]). While one waits it is kept and returned again (the
+    /// device may already seal with it), so asking twice never strands a device.
+    ///
+    /// # Errors
+    /// Driver errors, [`StoreError::Corrupt`] for a stored key of the wrong size.
+    pub async fn start_rotation(&self, id: DeviceId) -> Result<Rotation, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let row: Option<(i64, Option<Vec<u8>>, bool)> = sqlx::query_as(
+            "SELECT key_version, next_key, revoked_ms IS NOT NULL FROM devices WHERE id = ?",
+        )
+        .bind(i64::from(id.0))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((version, next, revoked)) = row else {
+            return Ok(Rotation::NoDevice);
+        };
+        if revoked {
+            return Ok(Rotation::Revoked);
+        }
+        let version = (version + 1).clamp(0, i64::from(u32::MAX)) as u32;
+        if let Some(next) = next {
+            return Ok(Rotation::Pending {
+                version,
+                key: key_from(next)?,
+                resumed: true,
+            });
+        }
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        sqlx::query("UPDATE devices SET next_key = ? WHERE id = ?")
+            .bind(&key[..])
+            .bind(i64::from(id.0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Rotation::Pending {
+            version,
+            key: DeviceKey(key),
+            resumed: false,
+        })
+    }
+
+    /// The device proved that it holds the pending key of `version`: it becomes the key and the
+    /// old one is refused from now on. False when no such rotation waits (already confirmed,
+    /// or a stale version).
+    ///
+    /// # Errors
+    /// Driver errors.
+    pub async fn confirm_rotation(&self, id: DeviceId, version: u32) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE devices SET key = next_key, next_key = NULL, key_version = key_version + 1, \
+             key_rotated_ms = ? \
+             WHERE id = ? AND next_key IS NOT NULL AND key_version + 1 = ? AND revoked_ms IS NULL",
+        )
+        .bind(now_ms())
+        .bind(i64::from(id.0))
+        .bind(i64::from(version))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     /// Revokes a device: from now on its key is refused on both channels by a gateway that
@@ -603,4 +746,64 @@ pub(crate) async fn apply_counters(
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rotation_waits_is_resumed_not_replaced_and_is_confirmed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&OpenOptions::cli(&dir.path().join("t.db"), true))
+            .await
+            .expect("open");
+        let (id, key) = store.add_device(None, None).await.expect("add");
+        let Rotation::Pending {
+            version,
+            key: next,
+            resumed: false,
+        } = store.start_rotation(id).await.expect("start")
+        else {
+            panic!("a new rotation");
+        };
+        assert_eq!(version, 2);
+        assert_ne!(next, key);
+        let keys = store.device_keys(id).await.expect("keys").expect("device");
+        assert_eq!(
+            (keys.key, keys.version, keys.next),
+            (key.clone(), 1, Some(next.clone()))
+        );
+        let states = store.device_states().await.expect("states");
+        assert_eq!(states[0].next_key, Some(next.clone()));
+        // Asked again: the same key, since the device may already use it.
+        let Rotation::Pending {
+            key: again,
+            resumed: true,
+            ..
+        } = store.start_rotation(id).await.expect("again")
+        else {
+            panic!("resumed");
+        };
+        assert_eq!(again, next);
+        assert!(!store.confirm_rotation(id, 3).await.expect("stale"));
+        assert!(store.confirm_rotation(id, 2).await.expect("confirm"));
+        assert!(!store.confirm_rotation(id, 2).await.expect("once"));
+        let keys = store.device_keys(id).await.expect("keys").expect("device");
+        assert_eq!((keys.key, keys.version, keys.next), (next, 2, None));
+        let row = &store.list_devices().await.expect("list")[0];
+        assert_eq!((row.key_version, row.key_pending), (2, false));
+        // Unknown and revoked devices have nothing to rotate.
+        assert!(matches!(
+            store.start_rotation(DeviceId(99)).await,
+            Ok(Rotation::NoDevice)
+        ));
+        assert!(store.revoke_device(id).await.expect("revoke"));
+        assert!(matches!(
+            store.start_rotation(id).await,
+            Ok(Rotation::Revoked)
+        ));
+        assert!(store.device_keys(id).await.expect("keys").is_none());
+        store.close().await;
+    }
 }
