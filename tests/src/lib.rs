@@ -11,6 +11,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 pub mod flood;
+pub mod impair;
 pub mod mqtt;
 
 use anyhow::{Context, bail};
@@ -132,12 +133,34 @@ impl TestGateway {
     /// # Errors
     /// When it fails to start or does not announce its address within 30 s.
     pub fn start_on(db: &Path, udp: &str, extra: &[&str]) -> anyhow::Result<TestGateway> {
+        Self::start_in(None, db, udp, extra)
+    }
+
+    /// As [`TestGateway::start_on`], inside the network namespace `netns` when given (run as
+    /// `ip netns exec NETNS gateway ...`, which execs: the child is the gateway itself).
+    ///
+    /// # Errors
+    /// When it fails to start or does not announce its address within 30 s.
+    pub fn start_in(
+        netns: Option<&str>,
+        db: &Path,
+        udp: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<TestGateway> {
         let log = db.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let mut child = Command::new(bin("gateway"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("gateway"));
+                c
+            }
+            None => Command::new(bin("gateway")),
+        };
+        let mut child = cmd
             .args([
                 "serve",
                 "--udp",

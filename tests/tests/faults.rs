@@ -577,3 +577,205 @@ fn a_read_only_database_acks_nothing_and_ingest_resumes_when_writable() -> anyho
     assert_eq!(integrity.trim(), "ok");
     Ok(())
 }
+
+/// A network namespace of one test, with its loopback up; deleted when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    /// None when this process may not create one (not root, or no `ip`).
+    fn new(name: &str) -> Option<NetNs> {
+        let run = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let _ = run(&["netns", "del", name]);
+        if !run(&["netns", "add", name]) {
+            return None;
+        }
+        let ns = NetNs(name.to_owned());
+        run(&["netns", "exec", name, "ip", "link", "set", "lo", "up"]).then_some(ns)
+    }
+
+    /// Runs `tc` inside the namespace.
+    fn tc(&self, args: &[&str]) -> anyhow::Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "tc"])
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "tc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// Loss, duplication, reordering, corruption and delay between a fleet with acks and the
+/// gateway, in both directions (datagrams and acks): with `tc netem` on the loopback of a
+/// network namespace the test creates when the kernel has netem and we are root, otherwise
+/// with a user-space relay doing the same (`e2e::impair`). Every acknowledged reading is stored
+/// once with the value sent, nothing foreign is stored, and reordering within the window
+/// causes no replay rejection.
+#[test]
+fn a_lossy_reordering_corrupting_network_loses_no_acked_reading() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let imp = e2e::impair::Impairment {
+        loss: 0.05,
+        duplicate: 0.05,
+        corrupt: 0.01,
+        delay: Duration::from_millis(1),
+        jitter: Duration::from_millis(2),
+        reorder: 0.25,
+    };
+    let netem = [
+        "qdisc",
+        "add",
+        "dev",
+        "lo",
+        "root",
+        "netem",
+        "delay",
+        "2ms",
+        "1ms",
+        "loss",
+        "5%",
+        "duplicate",
+        "5%",
+        "corrupt",
+        "1%",
+        "reorder",
+        "25%",
+        "50%",
+    ];
+    let ns = NetNs::new(&format!("gwfault{}", std::process::id()));
+    let netem_error = match &ns {
+        None => Some("network namespaces need root and iproute2".to_owned()),
+        Some(ns) => ns.tc(&netem).err().map(|e| e.to_string()),
+    };
+    let ns = ns.filter(|_| netem_error.is_none());
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 20)?;
+    let netns = ns.as_ref().map(|n| n.0.as_str());
+    let mut gw = TestGateway::start_in(netns, &db, "127.0.0.1:0", &[])?;
+    let (relay, target, how) = match netns {
+        Some(_) => (None, gw.udp, format!("tc {}", netem[5..].join(" "))),
+        None => {
+            let relay = e2e::impair::Relay::start(gw.udp, imp.clone(), 7)?;
+            let addr = relay.addr;
+            let why = netem_error.unwrap_or_default();
+            let why = why.lines().next().unwrap_or("");
+            let why = why
+                .rsplit("Error: ")
+                .next()
+                .unwrap_or(why)
+                .trim()
+                .to_owned();
+            (
+                Some(relay),
+                addr,
+                format!(
+                    "user-space relay, {} (no netem here: {why})",
+                    imp.describe()
+                ),
+            )
+        }
+    };
+    let report = dir.path().join("report.json");
+    let log = dir.path().join("sent.csv");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin("device-sim"));
+            c
+        }
+        None => std::process::Command::new(bin("device-sim")),
+    };
+    let status = cmd
+        .args(["--gateway", &target.to_string(), "--fleet", path(&fleet)])
+        .args([
+            "--ack",
+            "--rate",
+            "1000",
+            "--batch",
+            "10",
+            "--duration",
+            "6s",
+        ])
+        .args(["--ack-timeout", "200ms", "--retries", "8"])
+        .args(["--report", path(&report), "--readings-log", path(&log)])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "device-sim: {status}");
+    let relayed = relay.map(e2e::impair::Relay::stop);
+    gw.signal("TERM")?;
+    gw.wait_exit(Duration::from_secs(10))?;
+    let r = read_report(&report)?;
+    let sent = read_sent(&log)?;
+    let stored = query_all(&db)?;
+    let (acked, stored_n) = check_acked_stored(&sent, &stored)?;
+    let s = stats(&db)?;
+    let relay_line = relayed.as_ref().map_or(String::new(), |c| {
+        format!(
+            "; relay: {} datagrams both ways, {} lost, {} duplicated, {} corrupted, {} reordered",
+            c.received.load(Relaxed),
+            c.lost.load(Relaxed),
+            c.duplicated.load(Relaxed),
+            c.corrupted.load(Relaxed),
+            c.reordered.load(Relaxed)
+        )
+    });
+    println!(
+        "RESULT lossy network ({how}): {} datagrams ({} readings) sent, {} retransmissions, {} \
+         acked, {} unacked after 8 retries; gateway drops: duplicate {}, bad_tag {}, replay {}, \
+         other {}; {acked} acked readings all stored once, {stored_n} stored, none foreign\
+         {relay_line}",
+        r.datagrams_sent,
+        r.readings_sent,
+        r.retransmissions,
+        r.datagrams_acked,
+        r.unacked,
+        counter(&s, "drop_duplicate"),
+        counter(&s, "drop_bad_tag"),
+        counter(&s, "drop_replay"),
+        counter(&s, "drop_too_short")
+            + counter(&s, "drop_too_long")
+            + counter(&s, "drop_bad_version")
+            + counter(&s, "drop_bad_header")
+            + counter(&s, "drop_bad_payload")
+            + counter(&s, "drop_unknown_device"),
+    );
+    assert!(r.datagrams_sent > 5_000, "{r:?}");
+    assert_eq!(
+        acked as u64, r.readings_acked,
+        "acked per log and per report"
+    );
+    // The network did its damage: duplicates and retransmissions reached the gateway, and
+    // corrupted datagrams were refused.
+    assert!(
+        counter(&s, "drop_duplicate") > 0 && r.retransmissions > 0,
+        "{s}"
+    );
+    assert!(counter(&s, "drop_bad_tag") > 0, "{s}");
+    assert_eq!(
+        counter(&s, "drop_replay"),
+        0,
+        "reordering within the window is no replay"
+    );
+    // With 5 % loss each way, 9 tries leave about one datagram in 10^9 unacked.
+    assert!(r.unacked <= 1, "{r:?}");
+    Ok(())
+}
