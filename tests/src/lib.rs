@@ -17,6 +17,7 @@ pub mod mqtt;
 use anyhow::{Context, bail};
 use proto::{Ack, Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
 use std::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Serialises tests that put load on the machine, so they do not starve each other.
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -624,4 +625,102 @@ pub fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A device's side of a TLS control connection, driven by hand (for hostile and protocol
+/// tests).
+pub struct ControlClient {
+    /// The TLS stream.
+    pub tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl ControlClient {
+    /// Connects and runs the TLS handshake trusting `ca`, for the name `localhost`.
+    ///
+    /// # Errors
+    /// Connection or TLS errors.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        ca: &std::path::Path,
+    ) -> anyhow::Result<ControlClient> {
+        let config = device_sim::control::tls_client(ca).map_err(anyhow::Error::msg)?;
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await?;
+        Ok(ControlClient {
+            tls,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The session binding (TLS exporter).
+    pub fn binding(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        self.tls
+            .get_ref()
+            .1
+            .export_keying_material(&mut b, proto::control::TLS_EXPORTER_LABEL, None)
+            .expect("exporter");
+        b
+    }
+
+    /// Sends one message.
+    ///
+    /// # Errors
+    /// Write errors.
+    pub async fn send(&mut self, m: &proto::control::DeviceMsg) -> anyhow::Result<()> {
+        let mut out = Vec::new();
+        proto::control::encode_frame(m, proto::control::MAX_FRAME, &mut out)?;
+        self.tls.write_all(&out).await?;
+        Ok(self.tls.flush().await?)
+    }
+
+    /// The next message, or None when the server closed.
+    ///
+    /// # Errors
+    /// Read errors, undecodable frames.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<proto::control::GatewayMsg>> {
+        loop {
+            if let Some((m, used)) = proto::control::decode_frame::<proto::control::GatewayMsg>(
+                &self.buf,
+                proto::control::MAX_FRAME,
+            )? {
+                self.buf.drain(..used);
+                return Ok(Some(m));
+            }
+            self.buf.reserve(4096);
+            if self.tls.read_buf(&mut self.buf).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Runs the handshake with `proof_for` computing the proof from the server nonce and the
+    /// binding; returns the gateway's answer.
+    ///
+    /// # Errors
+    /// I/O errors, or no challenge.
+    pub async fn handshake(
+        &mut self,
+        device: DeviceId,
+        nonce: [u8; 16],
+        proof_for: impl FnOnce([u8; 32], [u8; 32]) -> [u8; 32],
+    ) -> anyhow::Result<Option<proto::control::GatewayMsg>> {
+        self.send(&proto::control::DeviceMsg::Hello {
+            device,
+            client_nonce: nonce,
+        })
+        .await?;
+        let Some(proto::control::GatewayMsg::Challenge { server_nonce }) = self.recv().await?
+        else {
+            anyhow::bail!("no challenge");
+        };
+        let proof = proof_for(server_nonce, self.binding());
+        self.send(&proto::control::DeviceMsg::Auth { proof })
+            .await?;
+        self.recv().await
+    }
 }

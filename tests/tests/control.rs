@@ -4,11 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use e2e::ControlClient as Client;
 use e2e::*;
-use proto::control::{
-    DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, TLS_EXPORTER_LABEL, auth_proof, decode_frame,
-    encode_frame,
-};
+use proto::control::{DenyReason, DeviceMsg, GatewayMsg, MAX_FRAME, auth_proof, encode_frame};
 use proto::{DeviceId, DeviceKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -50,77 +48,6 @@ fn two_thousand_sessions_online_then_offline() -> anyhow::Result<()> {
     assert!(took < Duration::from_secs(5), "offline after {took:?}");
     gw.stop()?;
     Ok(())
-}
-
-struct Client {
-    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    buf: Vec<u8>,
-}
-
-impl Client {
-    async fn connect(addr: std::net::SocketAddr, ca: &std::path::Path) -> anyhow::Result<Client> {
-        let config = device_sim::control::tls_client(ca).map_err(anyhow::Error::msg)?;
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost")?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, tcp)
-            .await?;
-        Ok(Client {
-            tls,
-            buf: Vec::new(),
-        })
-    }
-
-    fn binding(&self) -> [u8; 32] {
-        let mut b = [0u8; 32];
-        self.tls
-            .get_ref()
-            .1
-            .export_keying_material(&mut b, TLS_EXPORTER_LABEL, None)
-            .expect("exporter");
-        b
-    }
-
-    async fn send(&mut self, m: &DeviceMsg) -> anyhow::Result<()> {
-        let mut out = Vec::new();
-        encode_frame(m, MAX_FRAME, &mut out)?;
-        self.tls.write_all(&out).await?;
-        Ok(self.tls.flush().await?)
-    }
-
-    /// The next message, or None when the server closed.
-    async fn recv(&mut self) -> anyhow::Result<Option<GatewayMsg>> {
-        loop {
-            if let Some((m, used)) = decode_frame::<GatewayMsg>(&self.buf, MAX_FRAME)? {
-                self.buf.drain(..used);
-                return Ok(Some(m));
-            }
-            self.buf.reserve(4096);
-            if self.tls.read_buf(&mut self.buf).await? == 0 {
-                return Ok(None);
-            }
-        }
-    }
-
-    /// Runs the handshake with `proof_for` computing the proof from the server nonce.
-    async fn handshake(
-        &mut self,
-        device: DeviceId,
-        nonce: [u8; 16],
-        proof_for: impl FnOnce([u8; 32], [u8; 32]) -> [u8; 32],
-    ) -> anyhow::Result<Option<GatewayMsg>> {
-        self.send(&DeviceMsg::Hello {
-            device,
-            client_nonce: nonce,
-        })
-        .await?;
-        let Some(GatewayMsg::Challenge { server_nonce }) = self.recv().await? else {
-            anyhow::bail!("no challenge");
-        };
-        let proof = proof_for(server_nonce, self.binding());
-        self.send(&DeviceMsg::Auth { proof }).await?;
-        self.recv().await
-    }
 }
 
 /// Closed (EOF or reset) within `within`.

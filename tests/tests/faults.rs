@@ -779,3 +779,270 @@ fn a_lossy_reordering_corrupting_network_loses_no_acked_reading() -> anyhow::Res
     assert!(r.unacked <= 1, "{r:?}");
     Ok(())
 }
+
+/// A TCP connection to `to` from the loopback address `from`.
+async fn connect_from(
+    from: std::net::IpAddr,
+    to: std::net::SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    Ok(socket.connect(to).await?)
+}
+
+/// How long until the gateway closes `stream` (reading and discarding what it sends), at most
+/// `limit`; None when it is still open then.
+async fn time_to_close(mut stream: tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let t0 = tokio::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(t0 + limit, stream.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(t0.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Slow and hostile TCP clients against the control listener, all at once: 10,000 connections
+/// that never start their TLS handshake (from two addresses), 100 that send a ClientHello and
+/// stall, 50 that send their ClientHello one byte every 5 s, 20 authenticated sessions that send
+/// a frame one byte every 5 s, and 10 with a 4 GiB length prefix. Each is closed within its
+/// limit (handshake timeout 5 s; idle session 4 s; the prefix at once; the per-address cap at
+/// accept), the gateway's memory stays bounded, and a legitimate device authenticates in under
+/// a second in the middle of it.
+#[test]
+fn slow_and_hostile_tcp_clients_are_closed_within_the_limits() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet = provision(dir.path(), &db, 21)?;
+    let cfg = config_file(
+        dir.path(),
+        "[control]\nmax_sessions_per_ip = 1000\nheartbeat = \"2s\"\nmissed_heartbeats = 2\n",
+    )?;
+    let gw = TestGateway::start(&db, &["--config", path(&cfg)])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let fleet = device_sim::fleet::FleetFile::load(&fleet)?;
+    let keys: Vec<_> = fleet
+        .devices
+        .iter()
+        .map(|d| Ok((d.device_id(), d.device_key()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let addr = gw.control;
+    let pid = gw.child.id();
+    let rss_before = rss_kib(pid)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let config = device_sim::control::tls_client(&ca).map_err(anyhow::Error::msg)?;
+    let hello = || -> anyhow::Result<Vec<u8>> {
+        let name = rustls::pki_types::ServerName::try_from("localhost")?;
+        let mut conn = rustls::ClientConnection::new(config.clone(), name)?;
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello)?;
+        Ok(hello)
+    };
+    let limit = Duration::from_secs(20);
+    let (silent, stalled, trickled, slow_sessions, prefixes, legit, rss_peak) =
+        rt.block_on(async {
+            let mut tasks = tokio::task::JoinSet::new();
+            // 10,000 that never send a byte, 5,000 from each of two addresses.
+            let t0 = tokio::time::Instant::now();
+            let mut silent = Vec::new();
+            for i in 0..10_000u32 {
+                let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 2) as u8]);
+                silent.push(connect_from(from, addr).await?);
+            }
+            let opened = t0.elapsed();
+            for s in silent {
+                tasks.spawn(async move { ("silent", time_to_close(s, limit).await) });
+            }
+            let from = std::net::IpAddr::from([127, 0, 0, 4]);
+            for _ in 0..100 {
+                let mut s = connect_from(from, addr).await?;
+                s.write_all(&hello()?).await?;
+                tasks.spawn(async move { ("stalled", time_to_close(s, limit).await) });
+            }
+            let from = std::net::IpAddr::from([127, 0, 0, 5]);
+            for _ in 0..50 {
+                let s = connect_from(from, addr).await?;
+                let bytes = hello()?;
+                tasks.spawn(async move {
+                    let (mut rd, mut wr) = s.into_split();
+                    let trickle = async {
+                        for b in bytes {
+                            if wr.write_all(&[b]).await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        std::future::pending::<()>().await;
+                    };
+                    let t0 = tokio::time::Instant::now();
+                    let closed = async {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = rd.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        t0.elapsed()
+                    };
+                    let r = tokio::select! {
+                        _ = trickle => None,
+                        t = closed => Some(t),
+                        _ = tokio::time::sleep(limit) => None,
+                    };
+                    ("trickled ClientHello", r)
+                });
+            }
+            // Authenticated sessions that then send a frame one byte every 5 s.
+            for (id, key) in keys[1..].iter().cloned() {
+                let mut c = ControlClient::connect(addr, &ca).await?;
+                let nonce = [1u8; 16];
+                let ok = c
+                    .handshake(id, nonce, |s, b| {
+                        proto::control::auth_proof(&key, id, &nonce, &s, &b)
+                    })
+                    .await?;
+                anyhow::ensure!(
+                    matches!(ok, Some(proto::control::GatewayMsg::Welcome { .. })),
+                    "{ok:?}"
+                );
+                tasks.spawn(async move {
+                    let t0 = tokio::time::Instant::now();
+                    let (mut rd, mut wr) = tokio::io::split(c.tls);
+                    let frame = [0u8, 0, 0, 2, 1, 2]; // a Heartbeat, one byte at a time
+                    let trickle = async {
+                        for b in frame {
+                            if wr.write_all(&[b]).await.is_err() || wr.flush().await.is_err() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        std::future::pending::<()>().await;
+                    };
+                    let closed = async {
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = rd.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        t0.elapsed()
+                    };
+                    let r = tokio::select! {
+                        _ = trickle => None,
+                        t = closed => Some(t),
+                        _ = tokio::time::sleep(limit) => None,
+                    };
+                    ("trickled session frame", r)
+                });
+            }
+            let mut prefixes = Vec::new();
+            for _ in 0..10 {
+                let mut c = ControlClient::connect(addr, &ca).await?;
+                c.tls.write_all(&[0xff, 0xff, 0xff, 0xff]).await?;
+                c.tls.flush().await?;
+                let t0 = tokio::time::Instant::now();
+                let r = tokio::time::timeout(Duration::from_secs(2), c.recv()).await;
+                prefixes.push(matches!(r, Ok(Ok(None)) | Ok(Err(_))).then(|| t0.elapsed()));
+            }
+            // A legitimate device in the middle of all that.
+            let (id, key) = keys[0].clone();
+            let t0 = tokio::time::Instant::now();
+            let mut c = ControlClient::connect(addr, &ca).await?;
+            let nonce = [2u8; 16];
+            let ok = c
+                .handshake(id, nonce, |s, b| {
+                    proto::control::auth_proof(&key, id, &nonce, &s, &b)
+                })
+                .await?;
+            let legit = t0.elapsed();
+            anyhow::ensure!(
+                matches!(ok, Some(proto::control::GatewayMsg::Welcome { .. })),
+                "{ok:?}"
+            );
+            let rss_peak = rss_kib(pid)?;
+            let mut results: BTreeMap<&str, Vec<Option<Duration>>> = BTreeMap::new();
+            while let Some(r) = tasks.join_next().await {
+                let (kind, t) = r?;
+                results.entry(kind).or_default().push(t);
+            }
+            println!("opened 10,000 silent connections in {opened:?}");
+            anyhow::Ok((
+                results.remove("silent").unwrap_or_default(),
+                results.remove("stalled").unwrap_or_default(),
+                results.remove("trickled ClientHello").unwrap_or_default(),
+                results.remove("trickled session frame").unwrap_or_default(),
+                prefixes,
+                legit,
+                rss_peak,
+            ))
+        })?;
+    let (_, m) = admin_get(gw.admin, &dir.path().join("admin.token"), "/metrics")?;
+    let rss_after = rss_kib(pid)?;
+    let worst = |v: &[Option<Duration>]| v.iter().flatten().max().copied().unwrap_or_default();
+    let open = |v: &[Option<Duration>]| v.iter().filter(|t| t.is_none()).count();
+    println!(
+        "RESULT hostile TCP clients: silent {} (worst close {:?}, {} left open), stalled \
+         ClientHello {} ({:?}, {} open), ClientHello 1 byte/5 s {} ({:?}, {} open), session frame \
+         1 byte/5 s {} ({:?}, {} open), 4 GiB prefix {} ({:?}, {} open); closed at accept \
+         (per-address cap) {}, failed handshakes {}, limited sources {}; a legitimate device \
+         authenticated in {legit:?}; gateway RSS {rss_before} KiB before, {rss_peak} KiB at the \
+         peak, {rss_after} KiB after",
+        silent.len(),
+        worst(&silent),
+        open(&silent),
+        stalled.len(),
+        worst(&stalled),
+        open(&stalled),
+        trickled.len(),
+        worst(&trickled),
+        open(&trickled),
+        slow_sessions.len(),
+        worst(&slow_sessions),
+        open(&slow_sessions),
+        prefixes.len(),
+        worst(&prefixes),
+        open(&prefixes),
+        metric(&m, "gateway_control_rejected_busy_total"),
+        metric(&m, "gateway_control_rejected_handshake_total"),
+        metric(&m, "gateway_control_rejected_limited_total"),
+    );
+    for (kind, v, within) in [
+        ("silent", &silent, Duration::from_secs(7)),
+        ("stalled", &stalled, Duration::from_secs(7)),
+        ("trickled ClientHello", &trickled, Duration::from_secs(7)),
+        (
+            "trickled session frame",
+            &slow_sessions,
+            Duration::from_secs(7),
+        ),
+        ("4 GiB prefix", &prefixes, Duration::from_secs(1)),
+    ] {
+        assert_eq!(open(v), 0, "{kind}: some never closed");
+        assert!(worst(v) <= within, "{kind}: closed after {:?}", worst(v));
+    }
+    // The per-address cap held 1,000 per address and closed the rest at once.
+    assert!(
+        metric(&m, "gateway_control_rejected_busy_total") >= 8_000,
+        "{m}"
+    );
+    assert!(
+        legit < Duration::from_secs(1),
+        "legitimate device took {legit:?}"
+    );
+    assert!(
+        rss_peak < rss_before + 100 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_peak} KiB"
+    );
+    gw.stop()?;
+    Ok(())
+}
