@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-use crate::{Key, Val, poll_pause, signal, wait_until};
+use crate::{Key, Val, config_file, poll_pause, query_all, signal, wait_until};
 
 /// The Mosquitto binary, or an error saying how to install it.
 ///
@@ -98,7 +98,8 @@ impl Broker {
             .unwrap_or_else(|| "root".into());
         let mut text = format!(
             "user {user}\nper_listener_settings true\npersistence true\n\
-             persistence_location {dir}/\nmax_queued_messages 0\nmax_queued_bytes 0\n\
+             persistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 0\n\
+             max_queued_bytes 0\n\
              max_inflight_messages 100\nlog_dest file {dir}/mosquitto.log\n\
              listener {port} 127.0.0.1\nallow_anonymous true\n",
             port = self.port,
@@ -139,6 +140,29 @@ impl Broker {
                 .flatten()
                 .all(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok()))
         })
+    }
+
+    /// Kills it with SIGKILL (a crash: nothing is saved) and waits for the exit.
+    ///
+    /// # Errors
+    /// When the signal cannot be sent.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Freezes it with SIGSTOP (`false`) or lets it go on with SIGCONT (`true`): while frozen its
+    /// connections stay open and the kernel still completes new TCP handshakes, but nothing is
+    /// answered, as behind a network blackhole.
+    ///
+    /// # Errors
+    /// When it is not running or the signal cannot be sent.
+    pub fn run_frozen(&mut self, go_on: bool) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("broker not running")?;
+        signal(child.id(), if go_on { "CONT" } else { "STOP" })
     }
 
     /// Stops it with SIGTERM (it saves its persistent sessions) and waits for the exit.
@@ -406,4 +430,76 @@ pub fn matches(a: &AggMsg, n: &Naive) -> bool {
         && a.last == n.last
         && close(a.mean, n.mean)
         && close(a.stddev, n.stddev)
+}
+
+/// The gateway id the MQTT tests configure.
+pub const GW: &str = "gw-test";
+
+/// A config file for a gateway forwarding to `broker`: short windows so that tests see many of
+/// them (1 s and 5 s, 500 ms lateness, devices idle after 2 s have their windows closed),
+/// reconnects between 200 ms and 2 s, plus `extra` lines in `[mqtt]`.
+///
+/// # Errors
+/// When the file cannot be written.
+pub fn mqtt_config(dir: &Path, broker: &Broker, extra: &str) -> anyhow::Result<std::path::PathBuf> {
+    config_file(
+        dir,
+        &format!(
+            "[service]\nid = \"{GW}\"\n\n[aggregate]\nwindows = [\"1s\", \"5s\"]\n\
+             lateness = \"500ms\"\nidle = \"2s\"\n\n[mqtt]\nenabled = true\nhost = \"127.0.0.1\"\n\
+             port = {port}\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n{extra}",
+            port = broker.port
+        ),
+    )
+}
+
+/// Windows whose device has been idle long enough to close them: all of them, once the
+/// simulator has stopped and the idle time passed.
+///
+/// # Errors
+/// When the database cannot be queried.
+pub fn expected_windows(db: &Path) -> anyhow::Result<BTreeMap<WindowKey, Naive>> {
+    Ok(recompute(&query_all(db)?, &[1_000, 5_000]))
+}
+
+/// Waits until the subscriber holds the latest revision of every window recomputed from the
+/// database, then checks each one.
+///
+/// # Errors
+/// When not every window arrives within `timeout`.
+pub fn assert_all_delivered(sub: &Subscriber, db: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let expected = expected_windows(db)?;
+    assert!(!expected.is_empty(), "no readings stored");
+    let mut missing = 0;
+    let got = wait_until(timeout, "every window at the subscriber", || {
+        let got = latest(&agg_messages(&sub.messages())?);
+        missing = expected.keys().filter(|k| !got.contains_key(k)).count();
+        Ok(missing == 0)
+    });
+    got.with_context(|| format!("{missing} of {} windows missing", expected.len()))?;
+    let got = latest(&agg_messages(&sub.messages())?);
+    for (k, n) in &expected {
+        let a = &got[k];
+        assert!(
+            matches(a, n),
+            "window {k:?}: published {a:?}, recomputed {n:?}"
+        );
+        assert_eq!(a.gateway, GW);
+    }
+    let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(k)).collect();
+    assert!(extra.is_empty(), "windows without readings: {extra:?}");
+    Ok(())
+}
+
+/// How many messages repeat an earlier one's sequence number (each must be the same message).
+pub fn duplicates(aggs: &[AggMsg]) -> usize {
+    let mut by_seq: BTreeMap<i64, &AggMsg> = BTreeMap::new();
+    let mut dups = 0;
+    for a in aggs {
+        if let Some(b) = by_seq.insert(a.seq, a) {
+            assert_eq!(a, b, "same seq, different content");
+            dups += 1;
+        }
+    }
+    dups
 }

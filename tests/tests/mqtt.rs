@@ -7,72 +7,14 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use e2e::mqtt::{self, AggMsg, Broker, Subscriber, agg_messages, latest, matches, recompute};
+use e2e::mqtt::{
+    Broker, GW, Subscriber, agg_messages, assert_all_delivered, duplicates, expected_windows,
+    latest, mqtt_config, recompute,
+};
 use e2e::*;
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-const GW: &str = "gw-test";
-
-/// Short windows so that tests see many of them: 1 s and 5 s, 500 ms lateness, devices idle
-/// after 2 s have their windows closed.
-fn mqtt_config(dir: &Path, broker: &Broker, extra: &str) -> anyhow::Result<std::path::PathBuf> {
-    config_file(
-        dir,
-        &format!(
-            "[service]\nid = \"{GW}\"\n\n[aggregate]\nwindows = [\"1s\", \"5s\"]\n\
-             lateness = \"500ms\"\nidle = \"2s\"\n\n[mqtt]\nenabled = true\nhost = \"127.0.0.1\"\n\
-             port = {port}\nreconnect_min = \"200ms\"\nreconnect_max = \"2s\"\n{extra}",
-            port = broker.port
-        ),
-    )
-}
-
-/// Windows whose device has been idle long enough to close them: all of them, once the
-/// simulator has stopped and the idle time passed.
-fn expected_windows(db: &Path) -> anyhow::Result<BTreeMap<mqtt::WindowKey, mqtt::Naive>> {
-    Ok(recompute(&query_all(db)?, &[1_000, 5_000]))
-}
-
-/// Waits until the subscriber holds the latest revision of every window recomputed from the
-/// database, then checks each one.
-fn assert_all_delivered(sub: &Subscriber, db: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let expected = expected_windows(db)?;
-    assert!(!expected.is_empty(), "no readings stored");
-    let mut missing = 0;
-    let got = wait_until(timeout, "every window at the subscriber", || {
-        let got = latest(&agg_messages(&sub.messages())?);
-        missing = expected.keys().filter(|k| !got.contains_key(k)).count();
-        Ok(missing == 0)
-    });
-    got.with_context(|| format!("{missing} of {} windows missing", expected.len()))?;
-    let got = latest(&agg_messages(&sub.messages())?);
-    for (k, n) in &expected {
-        let a = &got[k];
-        assert!(
-            matches(a, n),
-            "window {k:?}: published {a:?}, recomputed {n:?}"
-        );
-        assert_eq!(a.gateway, GW);
-    }
-    let extra: Vec<_> = got.keys().filter(|k| !expected.contains_key(k)).collect();
-    assert!(extra.is_empty(), "windows without readings: {extra:?}");
-    Ok(())
-}
-
-/// Messages sharing a sequence number must be the same message.
-fn duplicates(aggs: &[AggMsg]) -> usize {
-    let mut by_seq: BTreeMap<i64, &AggMsg> = BTreeMap::new();
-    let mut dups = 0;
-    for a in aggs {
-        if let Some(b) = by_seq.insert(a.seq, a) {
-            assert_eq!(a, b, "same seq, different content");
-            dups += 1;
-        }
-    }
-    dups
 }
 
 /// The `backlog_below` of the gateway's last "MQTT connected" log line: rows below it were
