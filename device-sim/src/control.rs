@@ -473,7 +473,8 @@ struct Receiving {
     sha256: [u8; 32],
     part: PathBuf,
     file: tokio::fs::File,
-    have: u64,
+    /// How far the file stands (decides which chunks are stored).
+    at: proto::control::Reassembly,
     resumed_from: Vec<u64>,
 }
 
@@ -545,7 +546,7 @@ impl FileSink {
             sha256,
             part,
             file,
-            have,
+            at: proto::control::Reassembly::resume(size, have),
             resumed_from: self.resumes.get(&transfer.0).cloned().unwrap_or_default(),
         });
         if have == size {
@@ -567,16 +568,15 @@ impl FileSink {
         let Some(r) = self.current.as_mut().filter(|r| r.transfer == transfer) else {
             return Ok(None);
         };
-        if offset == r.have && r.have + data.len() as u64 <= r.size {
+        if r.at.accept(offset, data.len()) {
             r.file.write_all(data).await?;
-            r.have += data.len() as u64;
         }
-        if r.have == r.size {
+        if r.at.is_complete() {
             return self.finish().await.map(Some);
         }
         Ok(Some(DeviceMsg::FileAck {
             transfer,
-            offset: r.have,
+            offset: r.at.have(),
         }))
     }
 

@@ -39,7 +39,7 @@ use crate::config::MqttConfig;
 use crate::control::Registry;
 use crate::events::Counters;
 use crate::store::commands::ORIGIN_MQTT;
-use crate::store::outbox::{KIND_CMD_RESULT, OutboxRow};
+use crate::store::outbox::{Cursors, KIND_CMD_RESULT, OutboxRow};
 use crate::store::writer::Item;
 use crate::store::{Store, now_ms};
 
@@ -177,12 +177,8 @@ struct Conn {
     inflight: HashMap<u16, i64>,
     /// Acknowledged, not yet handed to the writer for deletion.
     acked: Vec<i64>,
-    /// Rows created from here on are live.
-    live_from: i64,
-    live_cursor: i64,
-    live_more: bool,
-    backlog_cursor: i64,
-    backlog_done: bool,
+    /// Which outbox rows to read next (live and backlog).
+    cursors: Cursors,
     tokens: f64,
     refilled: Instant,
 }
@@ -319,18 +315,14 @@ impl Forwarder {
         self.state.connected.store(true, Relaxed);
         self.counters.mqtt_connected.store(1, Relaxed);
         self.counters.mqtt_connects.fetch_add(1, Relaxed);
-        let live_from = self.store.outbox_last_seq().await? + 1;
-        tracing::info!(broker = %self.cfg.host, port = self.cfg.port, backlog_below = live_from, "MQTT connected");
+        let cursors = Cursors::new(self.store.outbox_last_seq().await?);
+        tracing::info!(broker = %self.cfg.host, port = self.cfg.port, backlog_below = cursors.live_from, "MQTT connected");
         let mut c = Conn {
             client,
             fifo: VecDeque::new(),
             inflight: HashMap::new(),
             acked: Vec::new(),
-            live_from,
-            live_cursor: live_from - 1,
-            live_more: true,
-            backlog_cursor: 0,
-            backlog_done: false,
+            cursors,
             tokens: 0.0,
             refilled: Instant::now(),
         };
@@ -391,9 +383,9 @@ impl Forwarder {
                     Ok(_) => {}
                     Err(e) => return Err(e.into()),
                 },
-                _ = self.store.outbox().added.notified() => c.live_more = true,
+                _ = self.store.outbox().added.notified() => c.cursors.wake(),
                 _ = tick.tick() => {
-                    c.live_more = true;
+                    c.cursors.wake();
                     self.hand_over(c, pending).await;
                 }
             }
@@ -431,35 +423,31 @@ impl Forwarder {
         if max - busy(c).min(max) < (max / 4).max(1) {
             return Ok(());
         }
-        if c.live_more {
-            let room = max - busy(c).min(max);
+        let room = max - busy(c).min(max);
+        if let Some(read) = c.cursors.live_read(room) {
             let rows = self
                 .store
-                .outbox_after(c.live_cursor, i64::MAX, room)
+                .outbox_after(read.after, read.before, read.limit)
                 .await?;
-            c.live_more = rows.len() == room;
-            if let Some(last) = rows.last() {
-                c.live_cursor = last.seq;
-            }
+            c.cursors
+                .live_done(read, rows.len(), rows.last().map(|r| r.seq));
             self.publish(c, rows)?;
         }
-        if !c.backlog_done {
+        if !c.cursors.backlog_done() {
             let now = Instant::now();
             let rate = f64::from(self.cfg.backlog_rate);
             c.tokens = (c.tokens + rate * now.duration_since(c.refilled).as_secs_f64())
                 .min((rate / 10.0).max(1.0));
             c.refilled = now;
             let room = (max - busy(c).min(max)).min(c.tokens as usize);
-            if room > 0 {
+            if let Some(read) = c.cursors.backlog_read(room) {
                 let rows = self
                     .store
-                    .outbox_after(c.backlog_cursor, c.live_from, room)
+                    .outbox_after(read.after, read.before, read.limit)
                     .await?;
-                c.backlog_done = rows.len() < room;
+                c.cursors
+                    .backlog_done_reading(read, rows.len(), rows.last().map(|r| r.seq));
                 c.tokens -= rows.len() as f64;
-                if let Some(last) = rows.last() {
-                    c.backlog_cursor = last.seq;
-                }
                 self.publish(c, rows)?;
             }
         }

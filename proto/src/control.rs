@@ -351,6 +351,54 @@ pub fn verify_proof(
         .is_ok()
 }
 
+/// The receiving side of a file transfer, without I/O: which chunks to store and how far the
+/// file stands (what `FileAck` reports). A chunk is stored only when it continues the file
+/// exactly where it stands and stays within the offered size; anything else (a resend, a gap,
+/// an overrun) stores nothing, and the answer (the length held) sends the gateway back to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reassembly {
+    size: u64,
+    have: u64,
+}
+
+impl Reassembly {
+    /// A transfer of `size` bytes of which the first `have` are already stored (a resumed
+    /// transfer; more than `size` counts as `size`).
+    pub fn resume(size: u64, have: u64) -> Self {
+        Self {
+            size,
+            have: have.min(size),
+        }
+    }
+
+    /// Bytes stored contiguously from the start.
+    pub fn have(&self) -> u64 {
+        self.have
+    }
+
+    /// The offered size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether every byte is stored.
+    pub fn is_complete(&self) -> bool {
+        self.have == self.size
+    }
+
+    /// Decides about a chunk of `len` bytes at `offset`: true when the caller must append it
+    /// (it is then counted as stored), false when it must be ignored.
+    pub fn accept(&mut self, offset: u64, len: usize) -> bool {
+        let fits = u64::try_from(len).is_ok_and(|len| len <= self.size - self.have);
+        if offset == self.have && fits {
+            self.have += len as u64;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 fn rotation_mac(
     new_key: &DeviceKey,
     device: DeviceId,
@@ -471,6 +519,21 @@ mod tests {
         assert_eq!(sanitize_name(""), "file");
         assert_eq!(sanitize_name("/"), "file");
         assert_eq!(sanitize_name(&"x".repeat(500)).len(), 128);
+    }
+
+    #[test]
+    fn reassembly_stores_only_what_continues_the_file() {
+        let mut r = Reassembly::resume(10, 0);
+        assert!(r.accept(0, 4));
+        assert!(!r.accept(0, 4), "a resend");
+        assert!(!r.accept(6, 2), "a gap");
+        assert!(!r.accept(4, 7), "past the size");
+        assert!(r.accept(4, 6));
+        assert!(r.is_complete());
+        assert!(!r.accept(10, 1));
+        assert!(r.accept(10, 0), "an empty chunk at the end changes nothing");
+        assert_eq!(r.have(), 10);
+        assert_eq!(Reassembly::resume(10, 99).have(), 10);
     }
 
     #[test]
