@@ -779,3 +779,133 @@ fn a_rotated_key_replaces_the_old_one_without_losing_an_acked_reading() -> anyho
     gw.stop()?;
     Ok(())
 }
+
+/// The failure paths of a rotation: a `KeyRotated` answer with a wrong proof confirms nothing;
+/// a device that switched but whose answer was lost (the session dropped) confirms the key by
+/// authenticating its next session with it. Until then both keys are accepted on both
+/// channels; afterwards only the new one.
+#[test]
+fn a_rotation_whose_answer_was_lost_is_confirmed_by_the_next_session() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet_path = provision(dir.path(), &db, 1)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let ca = dir.path().join("certs/ca.pem");
+    let token = dir.path().join("admin.token");
+    let old = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    let (id, old_key) = (old.id, old.key.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let nonce = [4u8; 16];
+    let mut session = rt.block_on(async {
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let ok = c
+            .handshake(id, nonce, |s, b| auth_proof(&old_key, id, &nonce, &s, &b))
+            .await?;
+        anyhow::ensure!(matches!(ok, Some(GatewayMsg::Welcome { .. })), "{ok:?}");
+        anyhow::Ok(c)
+    })?;
+    let out = gateway(&[
+        "devices",
+        "rotate-key",
+        &id.0.to_string(),
+        "--admin",
+        &gw.admin.to_string(),
+        "--db",
+        path(&db),
+    ])?;
+    assert!(out.contains("sent to its live session"), "{out}");
+    let new_key = rt.block_on(async {
+        let msg = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match session.recv().await? {
+                    Some(GatewayMsg::RotateKey { version, key }) => {
+                        return anyhow::Ok((version, key));
+                    }
+                    Some(_) => continue,
+                    None => anyhow::bail!("session closed"),
+                }
+            }
+        })
+        .await??;
+        let (version, key) = msg;
+        assert_eq!(version, 2);
+        // A wrong proof: nothing is confirmed.
+        session
+            .send(&DeviceMsg::KeyRotated {
+                version,
+                proof: [0; 32],
+            })
+            .await?;
+        anyhow::Ok(DeviceKey(key))
+    })?;
+    let key_version = || -> anyhow::Result<(u64, bool)> {
+        let (_, body) = admin_get(gw.admin, &token, "/api/v1/devices")?;
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        let row = rows.first().context("a device")?;
+        Ok((
+            row["key_version"].as_u64().context("key_version")?,
+            row["key_pending"].as_bool().context("key_pending")?,
+        ))
+    };
+    // A heartbeat round trip after the bad answer: it has been handled.
+    rt.block_on(async {
+        session.send(&DeviceMsg::Heartbeat).await?;
+        loop {
+            match session.recv().await? {
+                Some(GatewayMsg::HeartbeatAck) => return anyhow::Ok(()),
+                Some(_) => continue,
+                None => anyhow::bail!("session closed"),
+            }
+        }
+    })?;
+    assert_eq!(key_version()?, (1, true), "a wrong proof confirmed the key");
+    // The session drops before a good answer: both keys work meanwhile.
+    drop(session);
+    let mut new = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    new.key = new_key.clone();
+    old.send_acked(&old.datagram(0, 2), 0)?;
+    new.send_acked(&new.datagram(1, 2), 1)?;
+    old.send_acked(&old.datagram(2, 2), 2)?;
+    rt.block_on(async {
+        // The next session under the new key is welcomed and confirms the rotation.
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let ok = c
+            .handshake(id, nonce, |s, b| auth_proof(&new_key, id, &nonce, &s, &b))
+            .await?;
+        anyhow::ensure!(matches!(ok, Some(GatewayMsg::Welcome { .. })), "{ok:?}");
+        anyhow::Ok(())
+    })?;
+    wait_until(Duration::from_secs(5), "the rotation confirmed", || {
+        Ok(key_version()? == (2, false))
+    })?;
+    // Now only the new key: the old one is refused on both channels.
+    old.socket
+        .set_read_timeout(Some(Duration::from_millis(300)))?;
+    assert!(old.send_acked(&old.datagram(3, 2), 3).is_err());
+    new.send_acked(&new.datagram(4, 2), 4)?;
+    rt.block_on(async {
+        let mut c = Client::connect(gw.control, &ca).await?;
+        let answer = c
+            .handshake(id, nonce, |s, b| auth_proof(&old_key, id, &nonce, &s, &b))
+            .await?;
+        assert_eq!(
+            answer,
+            Some(GatewayMsg::Denied {
+                reason: DenyReason::AuthFailed
+            })
+        );
+        anyhow::Ok(())
+    })?;
+    gw.stop()?;
+    let stored = query_all(&db)?;
+    let seqs: std::collections::BTreeSet<u64> = stored.keys().map(|k| k.1).collect();
+    assert_eq!(
+        seqs,
+        [0, 1, 2, 4].into_iter().collect(),
+        "all but the old key's last"
+    );
+    Ok(())
+}
