@@ -55,6 +55,27 @@ pub struct AdminState {
     pub device_changes: tokio::sync::mpsc::Sender<crate::ingest::DeviceChange>,
     /// Whether the control listener runs TLS (keys are only ever sent inside it).
     pub control_tls: bool,
+    /// The outbox size past which the gateway reports itself not ready (90 % of its bound;
+    /// None without MQTT forwarding).
+    pub outbox_high_water: Option<u64>,
+}
+
+/// What `GET /readyz` answers (200 when `ready`, 503 otherwise).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    /// Whether the gateway accepts and keeps everything it is sent.
+    pub ready: bool,
+    /// `writable`, or why commits fail (nothing is acknowledged then).
+    pub database: String,
+    /// `connected`, `disconnected` or `disabled`; a disconnected broker alone does not make the
+    /// gateway unready (the outbox keeps the aggregates), an outbox past its high-water mark
+    /// does.
+    pub broker: String,
+    /// Rows in the outbox.
+    pub outbox_rows: u64,
+    /// Rows past which the gateway is not ready (90 % of `mqtt.outbox_max_rows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_high_water: Option<u64>,
 }
 
 /// The token: the configured one, or the one in `file` (created with mode 0600 when missing).
@@ -189,6 +210,38 @@ async fn auth(State(state): State<Arc<AdminState>>, req: Request, next: Next) ->
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Readiness for a load balancer or an orchestrator: the database takes commits and the outbox
+/// is below its high-water mark (past it, the oldest aggregates would soon be dropped). No token:
+/// like `/healthz` it says nothing secret.
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let failing = state
+        .counters
+        .store_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let outbox_rows = state.store.outbox().rows.load(Relaxed).max(0) as u64;
+    let broker = match state.outbox_high_water {
+        None => "disabled",
+        Some(_) if state.counters.mqtt_connected.load(Relaxed) == 1 => "connected",
+        Some(_) => "disconnected",
+    };
+    let below = state.outbox_high_water.is_none_or(|hw| outbox_rows < hw);
+    let r = Readiness {
+        ready: failing.is_none() && below,
+        database: failing.unwrap_or_else(|| "writable".into()),
+        broker: broker.into(),
+        outbox_rows,
+        outbox_high_water: state.outbox_high_water,
+    };
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r)).into_response()
 }
 
 /// `ok`, or 503 with the reason while the database cannot be written (disk full, read-only,
@@ -585,38 +638,78 @@ async fn list_commands(
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let mut out = String::new();
-    for (name, value, gauge) in state.counters.snapshot() {
-        let kind = if gauge { "gauge" } else { "counter" };
-        let metric = if gauge {
-            format!("gateway_{name}")
+    // Prometheus names spell units out: the counters' `_us` and `_ms` become `_seconds`.
+    let mut push = |name: &str, help: &str, value: u64, gauge: bool| {
+        let (base, value) = if let Some(b) = name.strip_suffix("_us") {
+            (format!("{b}_seconds"), value as f64 / 1e6)
+        } else if let Some(b) = name.strip_suffix("_ms") {
+            (format!("{b}_seconds"), value as f64 / 1e3)
         } else {
-            format!("gateway_{name}_total")
+            (name.to_owned(), value as f64)
         };
-        out.push_str(&format!("# TYPE {metric} {kind}\n{metric} {value}\n"));
+        let (metric, kind) = if gauge {
+            (format!("gateway_{base}"), "gauge")
+        } else {
+            (format!("gateway_{base}_total"), "counter")
+        };
+        out.push_str(&format!(
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n"
+        ));
+    };
+    for (name, value, gauge) in state.counters.snapshot() {
+        push(name, crate::events::help(name), value, gauge);
     }
     let c = &state.control;
-    for (name, v) in [
-        ("control_sessions_authenticated", &c.sessions_authenticated),
-        ("control_rejected_busy", &c.rejected_busy),
-        ("control_rejected_limited", &c.rejected_limited),
-        ("control_rejected_handshake", &c.rejected_handshake),
-        ("control_rejected_auth", &c.rejected_auth),
-        ("control_sessions_replaced", &c.sessions_replaced),
-        ("control_connections_closed", &c.connections_closed),
+    for (name, help, v) in [
+        (
+            "control_sessions_authenticated",
+            "Control sessions that authenticated.",
+            &c.sessions_authenticated,
+        ),
+        (
+            "control_rejected_busy",
+            "Control connections closed for a session limit.",
+            &c.rejected_busy,
+        ),
+        (
+            "control_rejected_limited",
+            "Control connections closed at accept: source limited for failed connections.",
+            &c.rejected_limited,
+        ),
+        (
+            "control_rejected_handshake",
+            "Control connections that failed TLS, timed out or sent bad frames.",
+            &c.rejected_handshake,
+        ),
+        (
+            "control_rejected_auth",
+            "Control authentications that failed.",
+            &c.rejected_auth,
+        ),
+        (
+            "control_sessions_replaced",
+            "Control sessions replaced by a newer one of the same device.",
+            &c.sessions_replaced,
+        ),
+        (
+            "control_connections_closed",
+            "Accepted control connections that have ended.",
+            &c.connections_closed,
+        ),
     ] {
-        out.push_str(&format!(
-            "# TYPE gateway_{name}_total counter\ngateway_{name}_total {}\n",
-            v.load(Relaxed)
-        ));
+        push(name, help, v.load(Relaxed), false);
     }
     let online = state
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .len();
-    out.push_str(&format!(
-        "# TYPE gateway_control_sessions_online gauge\ngateway_control_sessions_online {online}\n"
-    ));
+    push(
+        "control_sessions_online",
+        "Control sessions live now.",
+        online as u64,
+        true,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -640,6 +733,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .saturating_add(1);
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -925,10 +925,17 @@ pub struct DemoArgs {
 
 /// `gateway config ...`
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum ConfigCommand {
     /// Validate the configuration and print the effective settings as TOML.
     Check(ServeArgs),
+    /// Print an annotated configuration file with every setting at its default.
+    Default,
 }
+
+/// The annotated configuration `gateway config default` prints: every setting, documented, at
+/// its default (a unit test keeps it complete and true).
+pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/gateway.example.toml");
 
 fn parse_time(s: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339_weak(s)

@@ -759,6 +759,38 @@ mod tests {
         );
     }
 
+    /// Every setting the gateway knows appears in the example (`gateway config default`),
+    /// table by table, and nothing else does.
+    #[test]
+    fn the_example_documents_every_setting() {
+        let example: toml::Table =
+            toml::from_str(crate::cli::DEFAULT_CONFIG).expect("the example is TOML");
+        let defaults: toml::Table =
+            toml::from_str(&toml::to_string(&Config::default()).expect("serialises"))
+                .expect("parses");
+        let keys = |t: &toml::Table| -> std::collections::BTreeSet<String> {
+            t.iter()
+                .flat_map(|(k, v)| match v {
+                    toml::Value::Table(inner) => {
+                        inner.keys().map(|i| format!("{k}.{i}")).collect::<Vec<_>>()
+                    }
+                    _ => vec![k.clone()],
+                })
+                .collect()
+        };
+        let (documented, known) = (keys(&example), keys(&defaults));
+        let missing: Vec<_> = known.difference(&documented).collect();
+        assert!(
+            missing.is_empty(),
+            "settings missing from the example: {missing:?}"
+        );
+        let unknown: Vec<_> = documented.difference(&known).collect();
+        assert!(
+            unknown.is_empty(),
+            "unknown settings in the example: {unknown:?}"
+        );
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let err = toml::from_str::<Config>("[telemetry]\nlisten = \"0.0.0.0:1\"\nqeue = 5\n");

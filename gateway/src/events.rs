@@ -157,6 +157,53 @@ pub mod names {
     pub const OUTBOX_OLDEST_AGE_MS: &str = "outbox_oldest_age_ms";
 }
 
+/// The one-line description of a counter or gauge, for `# HELP` in `/metrics`.
+pub fn help(name: &str) -> &'static str {
+    use names::*;
+    match name {
+        DATAGRAMS_RECEIVED => "Datagrams read from the telemetry socket.",
+        DATAGRAMS_ACCEPTED => "Datagrams that passed every check and were queued for the writer.",
+        DATAGRAMS_COMMITTED => "Datagrams whose readings are committed.",
+        READINGS_COMMITTED => "Readings committed to the database.",
+        TRANSACTIONS => "Database transactions committed by the writer.",
+        ACKS_SENT => "Acks sent, including re-acks of duplicates.",
+        ACKS_FAILED => "Acks the socket could not take (the device retransmits).",
+        COMMIT_ERRORS => "Commit attempts that failed and were retried.",
+        LATENCY_P50_US => "Receive-to-commit latency of this run, median.",
+        LATENCY_P99_US => "Receive-to-commit latency of this run, 99th percentile.",
+        LATENCY_P999_US => "Receive-to-commit latency of this run, 99.9th percentile.",
+        LATENCY_MAX_US => "Receive-to-commit latency of this run, maximum.",
+        AGGREGATES_CLOSED => "Closed windows stored (first emissions).",
+        AGGREGATES_REVISED => "Windows corrected by late readings.",
+        AGGREGATE_LATE_DROPPED => "Readings too late for their window (still stored raw).",
+        OUTBOX_DROPPED => "Aggregates dropped from the full outbox, oldest first.",
+        MQTT_PUBLISHED => "Messages the broker acknowledged.",
+        MQTT_CONNECTS => "Connections to the broker made.",
+        MQTT_COMMANDS => "Commands received on the broker's command topic.",
+        MQTT_CONNECTED => "1 while connected to the broker.",
+        MQTT_PUBLISH_RATE => "Messages acknowledged per second over the last stats interval.",
+        OUTBOX_ROWS => "Messages waiting in the outbox.",
+        OUTBOX_BYTES => "Payload bytes waiting in the outbox.",
+        OUTBOX_OLDEST_AGE_MS => "Age of the oldest message in the outbox (0 when empty).",
+        "drop_too_short" => "Datagrams dropped: shorter than a header and tag.",
+        "drop_too_long" => "Datagrams dropped: longer than the protocol allows.",
+        "drop_bad_version" => "Datagrams dropped: unknown protocol version.",
+        "drop_bad_header" => "Datagrams dropped: invalid header.",
+        "drop_unknown_device" => "Datagrams dropped: device not provisioned.",
+        "drop_bad_tag" => "Datagrams dropped: authentication tag did not verify.",
+        "drop_bad_payload" => "Datagrams dropped: authentic but undecodable payload.",
+        "drop_replay" => "Datagrams dropped: sequence older than the replay window.",
+        "drop_duplicate" => "Datagrams dropped: sequence already accepted (re-acked).",
+        "drop_queue_full" => "Datagrams dropped: writer queue full (not acked).",
+        "drop_kernel" => "Datagrams the kernel dropped before the gateway read them.",
+        "drop_auth_limited" => {
+            "Datagrams dropped unchecked: source limited for failed authentications."
+        }
+        "drop_revoked" => "Datagrams dropped: device revoked.",
+        _ => "Gateway counter.",
+    }
+}
+
 /// Live counters of one gateway run, shared by ingest, writer and whoever reports them.
 #[derive(Debug, Default)]
 pub struct Counters {

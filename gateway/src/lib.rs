@@ -304,6 +304,10 @@ impl Gateway {
             max_file_size: cfg.control.max_file_size,
             device_changes,
             control_tls: control_tls.is_some(),
+            outbox_high_water: cfg
+                .mqtt
+                .enabled
+                .then(|| cfg.mqtt.outbox_max_rows.saturating_mul(9) / 10),
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

@@ -38,6 +38,10 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Aggregates(cmd)) => gateway::cli::aggregates(cmd).await,
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
+            Some(Command::Config(ConfigCommand::Default)) => {
+                print!("{}", gateway::cli::DEFAULT_CONFIG);
+                Ok(())
+            }
             Some(Command::Certs(cmd)) => gateway::cli::certs(cmd),
             Some(Command::Files(cmd)) => {
                 tokio::task::spawn_blocking(move || gateway::cli::files(cmd)).await?

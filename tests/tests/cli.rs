@@ -222,6 +222,15 @@ fn config_check_accepts_the_example_and_rejects_typos() -> anyhow::Result<()> {
         !out.contains("never-shown") && out.matches("<redacted>").count() == 2,
         "secrets shown: {out}"
     );
+    // The annotated default configuration is a valid configuration file.
+    let default = gateway(&["config", "default"])?;
+    assert!(
+        default.contains("[telemetry]") && default.contains("# "),
+        "{default}"
+    );
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &default)?;
+    gateway(&["config", "check", "--config", path(&file)])?;
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[store]\ndurabilty = \"full\"\n")?;
     let err = gateway_err(&["config", "check", "--config", path(&bad)])?;

@@ -909,3 +909,41 @@ fn a_rotation_whose_answer_was_lost_is_confirmed_by_the_next_session() -> anyhow
     );
     Ok(())
 }
+
+/// `/metrics` passes Prometheus's own checker (`promtool check metrics`, Debian package
+/// `prometheus`): format and naming lints, with traffic, drops and a session behind the numbers.
+#[test]
+fn metrics_pass_promtool() -> anyhow::Result<()> {
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    let fleet_path = provision(dir.path(), &db, 2)?;
+    let gw = TestGateway::start(&db, &[])?;
+    let d = RawDevice::new(&fleet_path, 0, gw.udp)?;
+    d.send_acked(&d.datagram(0, 3), 0)?;
+    d.socket.send(&d.datagram(0, 3))?; // a duplicate
+    d.socket.send(b"garbage")?;
+    let (code, text) = admin_get(gw.admin, &dir.path().join("admin.token"), "/metrics")?;
+    assert_eq!(code, 200);
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running promtool (install Debian's prometheus package)")?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().context("stdin")?;
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.stop()?;
+    Ok(())
+}

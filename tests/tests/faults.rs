@@ -374,6 +374,12 @@ impl Loaded {
             Ok(code == 503)
         })?;
         let noticed = fault.elapsed();
+        // Not ready either, and saying why.
+        let (code, ready) = admin_get(self.gw.admin, &self.token, "/readyz")?;
+        anyhow::ensure!(
+            code == 503 && ready.contains("\"ready\":false") && !ready.contains("writable"),
+            "/readyz while the database fails: {code} {ready}"
+        );
         let m0 = self.metrics()?;
         let t0 = tokio::time::Instant::now();
         wait_until(Duration::from_secs(10), "three seconds of failure", || {
@@ -1097,6 +1103,12 @@ fn a_killed_then_blackholed_broker_loses_nothing_and_causes_no_reconnect_storm()
     let (connects0, attempts0) = (counter(&stats(&db)?, "mqtt_connects"), attempts()?);
     broker.kill()?;
     watch("8 s with the broker dead", 8)?;
+    // A dead broker alone does not make the gateway unready: the outbox keeps everything.
+    let (code, ready) = admin_get(gw.admin, &dir.path().join("admin.token"), "/readyz")?;
+    assert!(
+        code == 200 && ready.contains("\"broker\":\"disconnected\""),
+        "{code} {ready}"
+    );
     let killed_attempts = attempts()? - attempts0;
     broker.resume()?;
     wait_until(

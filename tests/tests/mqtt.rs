@@ -316,6 +316,16 @@ fn a_full_outbox_drops_the_oldest_aggregates_and_keeps_every_reading() -> anyhow
     })?;
     let s = stats(&db)?;
     assert_eq!(counter(&s, "outbox_rows"), 100);
+    // Past 90 % of its bound the gateway says it is not ready, and why.
+    let token = dir.path().join("admin.token");
+    let (code, ready) = admin_get(gw.admin, &token, "/readyz")?;
+    assert!(
+        code == 503
+            && ready.contains("\"outbox_rows\":100")
+            && ready.contains("\"outbox_high_water\":90")
+            && ready.contains("\"broker\":\"disconnected\""),
+        "{code} {ready}"
+    );
     assert_eq!(
         counter(&s, "outbox_dropped"),
         expected.len() as u64 - 100,
@@ -340,6 +350,14 @@ fn a_full_outbox_drops_the_oldest_aggregates_and_keeps_every_reading() -> anyhow
         .collect();
     let top = *seqs.last().context("seqs")?;
     assert_eq!(seqs, (top - 99..=top).collect(), "the oldest were dropped");
+    wait_until(
+        Duration::from_secs(10),
+        "ready once the outbox drained",
+        || {
+            let (code, ready) = admin_get(gw.admin, &token, "/readyz")?;
+            Ok(code == 200 && ready.contains("\"broker\":\"connected\""))
+        },
+    )?;
     gw.stop()?;
     Ok(())
 }
