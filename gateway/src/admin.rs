@@ -710,6 +710,18 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         online as u64,
         true,
     );
+    state.counters.commit_latency.render(
+        crate::events::LATENCY_BOUNDS,
+        "gateway_commit_latency_seconds",
+        "Receive-to-commit latency of committed datagrams.",
+        &mut out,
+    );
+    state.counters.batch_readings.render(
+        crate::events::BATCH_BOUNDS,
+        "gateway_batch_readings",
+        "Readings per committed transaction.",
+        &mut out,
+    );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

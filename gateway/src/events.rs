@@ -259,6 +259,58 @@ pub struct Counters {
     /// The error of the writer's failing commit while its commits fail (disk full, database
     /// read-only or gone); None while they succeed. `/healthz` reports it.
     pub store_error: std::sync::Mutex<Option<String>>,
+    /// Receive-to-commit latency of every committed datagram, seconds ([`LATENCY_BOUNDS`]).
+    pub commit_latency: Histogram,
+    /// Readings per committed transaction ([`BATCH_BOUNDS`]).
+    pub batch_readings: Histogram,
+}
+
+/// Upper bounds of the commit latency histogram, seconds.
+pub const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+/// Upper bounds of the batch size histogram, readings per transaction.
+pub const BATCH_BOUNDS: &[f64] = &[
+    1.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+];
+
+/// A Prometheus histogram over fixed upper bounds (at most 15, given at each call), updated
+/// without locks; the sum is kept in millionths.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; 16],
+    sum_millionths: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts `value` in the first bucket whose bound is at least `value` (+Inf past the last).
+    pub fn observe(&self, bounds: &[f64], value: f64) {
+        let i = bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(bounds.len())
+            .min(self.counts.len() - 1);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_millionths
+            .fetch_add((value.max(0.0) * 1e6) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Appends the histogram in Prometheus text format (cumulative buckets, sum, count).
+    pub fn render(&self, bounds: &[f64], metric: &str, help: &str, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} histogram");
+        let mut cumulative = 0;
+        for (i, b) in bounds.iter().enumerate().take(self.counts.len() - 1) {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{metric}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{metric}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_millionths.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{metric}_sum {sum}\n{metric}_count {count}");
+    }
 }
 
 /// A snapshot of counters as (name, value, is_gauge) rows, the form the store persists.
@@ -383,6 +435,31 @@ impl DropLog {
         }
         if !parts.is_empty() {
             tracing::warn!(drops = %parts.join(" "), "datagrams dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_cumulative_and_the_last_is_everything() {
+        let h = Histogram::default();
+        for v in [0.5, 1.0, 3.0, 100.0] {
+            h.observe(&[1.0, 2.0, 5.0], v);
+        }
+        let mut out = String::new();
+        h.render(&[1.0, 2.0, 5.0], "x", "X.", &mut out);
+        for line in [
+            "x_bucket{le=\"1\"} 2",
+            "x_bucket{le=\"2\"} 2",
+            "x_bucket{le=\"5\"} 3",
+            "x_bucket{le=\"+Inf\"} 4",
+            "x_sum 104.5",
+            "x_count 4",
+        ] {
+            assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
         }
     }
 }

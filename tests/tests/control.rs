@@ -925,6 +925,13 @@ fn metrics_pass_promtool() -> anyhow::Result<()> {
     d.socket.send(b"garbage")?;
     let (code, text) = admin_get(gw.admin, &dir.path().join("admin.token"), "/metrics")?;
     assert_eq!(code, 200);
+    // The histograms count what was committed (the acked datagram at least).
+    assert!(
+        metric(&text, "gateway_commit_latency_seconds_count") >= 1
+            && metric(&text, "gateway_batch_readings_count") >= 1
+            && text.contains("gateway_commit_latency_seconds_bucket{le=\"+Inf\"}"),
+        "{text}"
+    );
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

@@ -491,11 +491,19 @@ impl Writer {
         self.counters
             .readings_committed
             .fetch_add(plan.readings, Relaxed);
+        if plan.readings > 0 {
+            self.counters
+                .batch_readings
+                .observe(crate::events::BATCH_BOUNDS, plan.readings as f64);
+        }
         self.staged += plan.blocks.len() as u64;
         let now = Instant::now();
         for r in &plan.received {
             let us = now.duration_since(*r).as_micros() as u64;
             let _ = self.latency.record(us.clamp(1, 600_000_000));
+            self.counters
+                .commit_latency
+                .observe(crate::events::LATENCY_BOUNDS, us as f64 / 1e6);
         }
         self.send_acks(&plan);
         self.after_outbox_commit(&plan, change);
