@@ -811,6 +811,43 @@ async fn time_to_close(mut stream: tokio::net::TcpStream, limit: Duration) -> Op
     }
 }
 
+/// Sends `bytes` on `io` one every 5 s (a slow client's pace, the attack itself) while reading
+/// whatever comes back; how long until the gateway closed the connection, or None when it was
+/// still open after `limit`.
+async fn trickle_until_closed<S>(io: S, bytes: Vec<u8>, limit: Duration) -> Option<Duration>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = tokio::time::Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let trickle = async {
+        for b in bytes {
+            if wr.write_all(&[b]).await.is_err() || wr.flush().await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        std::future::pending::<()>().await
+    };
+    let closed = async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        t0.elapsed()
+    };
+    let either = async {
+        tokio::select! {
+            () = trickle => None,
+            t = closed => Some(t),
+        }
+    };
+    tokio::time::timeout(limit, either).await.ok().flatten()
+}
+
 /// Slow and hostile TCP clients against the control listener, all at once: 10,000 connections
 /// that never start their TLS handshake (from two addresses), 100 that send a ClientHello and
 /// stall, 50 that send their ClientHello one byte every 5 s, 20 authenticated sessions that send
@@ -878,33 +915,10 @@ fn slow_and_hostile_tcp_clients_are_closed_within_the_limits() -> anyhow::Result
                 let s = connect_from(from, addr).await?;
                 let bytes = hello()?;
                 tasks.spawn(async move {
-                    let (mut rd, mut wr) = s.into_split();
-                    let trickle = async {
-                        for b in bytes {
-                            if wr.write_all(&[b]).await.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                        }
-                        std::future::pending::<()>().await;
-                    };
-                    let t0 = tokio::time::Instant::now();
-                    let closed = async {
-                        use tokio::io::AsyncReadExt;
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n) = rd.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                        }
-                        t0.elapsed()
-                    };
-                    let r = tokio::select! {
-                        _ = trickle => None,
-                        t = closed => Some(t),
-                        _ = tokio::time::sleep(limit) => None,
-                    };
-                    ("trickled ClientHello", r)
+                    (
+                        "trickled ClientHello",
+                        trickle_until_closed(s, bytes, limit).await,
+                    )
                 });
             }
             // Authenticated sessions that then send a frame one byte every 5 s.
@@ -920,35 +934,13 @@ fn slow_and_hostile_tcp_clients_are_closed_within_the_limits() -> anyhow::Result
                     matches!(ok, Some(proto::control::GatewayMsg::Welcome { .. })),
                     "{ok:?}"
                 );
+                // A Heartbeat frame, one byte at a time.
+                let frame = vec![0u8, 0, 0, 2, 1, 2];
                 tasks.spawn(async move {
-                    let t0 = tokio::time::Instant::now();
-                    let (mut rd, mut wr) = tokio::io::split(c.tls);
-                    let frame = [0u8, 0, 0, 2, 1, 2]; // a Heartbeat, one byte at a time
-                    let trickle = async {
-                        for b in frame {
-                            if wr.write_all(&[b]).await.is_err() || wr.flush().await.is_err() {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_secs(5)).await;
-                        }
-                        std::future::pending::<()>().await;
-                    };
-                    let closed = async {
-                        use tokio::io::AsyncReadExt;
-                        let mut buf = [0u8; 4096];
-                        while let Ok(n) = rd.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                        }
-                        t0.elapsed()
-                    };
-                    let r = tokio::select! {
-                        _ = trickle => None,
-                        t = closed => Some(t),
-                        _ = tokio::time::sleep(limit) => None,
-                    };
-                    ("trickled session frame", r)
+                    (
+                        "trickled session frame",
+                        trickle_until_closed(c.tls, frame, limit).await,
+                    )
                 });
             }
             let mut prefixes = Vec::new();
