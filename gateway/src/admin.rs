@@ -11,6 +11,11 @@
 //! - `POST /api/v1/files?name=N&device=ID|all=true`: the body is a file to send to devices.
 //! - `GET /api/v1/transfers?file=ID`: file transfers with their progress.
 //! - `POST /api/v1/devices/{id}/revoke`: revoke a device at once (see [`Revoked`]).
+//! - `POST /api/v1/devices/{id}/rotate-key`: give a device a new key over its TLS session.
+//! - `GET /readyz`: readiness (see [`Readiness`]), no token.
+//! - `GET /api/v1/readings`, `/api/v1/aggregates`, `/api/v1/openapi.json`: see [`crate::api`].
+//!
+//! `gateway/openapi.json` describes all of it; a test keeps it and the router in step.
 //!
 //! Emits: `warn` for rejected tokens (rate-limited by nature: each is one request).
 
@@ -58,6 +63,10 @@ pub struct AdminState {
     /// The outbox size past which the gateway reports itself not ready (90 % of its bound;
     /// None without MQTT forwarding).
     pub outbox_high_water: Option<u64>,
+    /// Configured aggregate window lengths, ms, shortest first.
+    pub aggregate_windows: Vec<u64>,
+    /// Most rows in one query response.
+    pub max_points: u64,
 }
 
 /// What `GET /readyz` answers (200 when `ready`, 503 otherwise).
@@ -190,7 +199,7 @@ pub struct Queued {
     pub online: bool,
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
@@ -739,6 +748,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/v1/devices/{id}/rotate-key", post(rotate_key))
         .route("/api/v1/files", post(send_file))
         .route("/api/v1/transfers", get(list_transfers))
+        .route("/api/v1/readings", get(crate::api::readings))
+        .route("/api/v1/aggregates", get(crate::api::aggregates))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     let limit = usize::try_from(state.max_file_size)
         .unwrap_or(usize::MAX)
@@ -746,6 +757,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/api/v1/openapi.json", get(crate::api::openapi))
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)

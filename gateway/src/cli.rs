@@ -12,6 +12,7 @@ use device_sim::fleet::{FleetDevice, FleetFile};
 use futures_util::TryStreamExt;
 
 use crate::config::{Config, Durability, default_db};
+use crate::rows::{Encoder, Format};
 use crate::store::query::{ReadingRow, ReadingsFilter};
 use crate::store::{DeviceRow, OpenOptions, Store};
 use proto::DeviceId;
@@ -921,6 +922,9 @@ pub struct DemoArgs {
     /// Stop after this long (e.g. 30s); runs until Ctrl-C when omitted.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
+    /// Address of the HTTP API (queries, metrics); a free port when this one is taken.
+    #[arg(long, default_value = "127.0.0.1:4782")]
+    pub admin: std::net::SocketAddr,
 }
 
 /// `gateway config ...`
@@ -1228,85 +1232,52 @@ pub async fn query(cmd: QueryCommand) -> anyhow::Result<()> {
     };
     let mut out = io::BufWriter::new(io::stdout().lock());
     let mut rows = std::pin::pin!(store.readings(&filter));
-    let mut first = true;
-    match args.format {
-        RowFormat::Table => writeln!(
-            out,
-            "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
-            "device", "sensor", "time", "value", "seq", "idx"
-        )?,
-        RowFormat::Csv => writeln!(out, "device,sensor,time,ts_ms,value,seq,idx")?,
-        RowFormat::Json => write!(out, "[")?,
-        RowFormat::Ndjson => {}
-    }
+    let format = match args.format {
+        RowFormat::Table => {
+            writeln!(
+                out,
+                "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
+                "device", "sensor", "time", "value", "seq", "idx"
+            )?;
+            None
+        }
+        RowFormat::Csv => Some(Format::Csv),
+        RowFormat::Json => Some(Format::Json),
+        RowFormat::Ndjson => Some(Format::Ndjson),
+    };
+    let mut enc = format.map(Encoder::new::<ReadingRow>);
     let mut count = 0u64;
     while let Some(r) = rows.try_next().await? {
-        write_row(&mut out, &r, args.format, first)?;
-        first = false;
+        match &mut enc {
+            Some(enc) => {
+                enc.row(&r);
+                if enc.buf.len() >= 64 * 1024 {
+                    out.write_all(&enc.buf)?;
+                    enc.buf.clear();
+                }
+            }
+            None => writeln!(
+                out,
+                "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
+                r.device,
+                r.sensor,
+                format_ms(r.ts_ms),
+                r.value.map_or_else(|| "NaN".into(), |v| v.to_string()),
+                r.seq,
+                r.idx
+            )?,
+        }
         count += 1;
     }
-    if args.format == RowFormat::Json {
-        writeln!(out, "]")?;
+    if let Some(enc) = &mut enc {
+        enc.finish();
+        out.write_all(&enc.buf)?;
     }
     out.flush()?;
     if args.format == RowFormat::Table {
         eprintln!("{count} readings");
     }
     Ok(())
-}
-
-fn value_text(v: Option<f64>) -> String {
-    v.map_or_else(|| "NaN".into(), |v| v.to_string())
-}
-
-fn write_row(
-    out: &mut impl Write,
-    r: &ReadingRow,
-    format: RowFormat,
-    first: bool,
-) -> io::Result<()> {
-    match format {
-        RowFormat::Table => writeln!(
-            out,
-            "{:>10}  {:>6}  {:<24}  {:>14}  {:>10}  {:>3}",
-            r.device,
-            r.sensor,
-            format_ms(r.ts_ms),
-            value_text(r.value),
-            r.seq,
-            r.idx
-        ),
-        RowFormat::Csv => writeln!(
-            out,
-            "{},{},{},{},{},{},{}",
-            r.device,
-            r.sensor,
-            format_ms(r.ts_ms),
-            r.ts_ms,
-            value_text(r.value),
-            r.seq,
-            r.idx
-        ),
-        RowFormat::Json | RowFormat::Ndjson => {
-            let obj = serde_json::json!({
-                "device": r.device,
-                "sensor": r.sensor,
-                "time": format_ms(r.ts_ms),
-                "ts_ms": r.ts_ms,
-                "value": r.value,
-                "seq": r.seq,
-                "idx": r.idx,
-            });
-            if format == RowFormat::Json {
-                if !first {
-                    write!(out, ",")?;
-                }
-                write!(out, "\n{obj}")
-            } else {
-                writeln!(out, "{obj}")
-            }
-        }
-    }
 }
 
 /// `gateway stats`

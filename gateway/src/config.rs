@@ -431,6 +431,14 @@ pub struct AdminConfig {
     /// 0600) on first start; the CLI on the same host reads the same file.
     #[serde(default)]
     pub token: Option<String>,
+    /// Most rows in one response of `/api/v1/readings` or `/api/v1/aggregates` (a request may
+    /// ask for fewer with `limit`). Default 1,000,000.
+    #[serde(default = "default_max_points")]
+    pub max_points: u64,
+}
+
+fn default_max_points() -> u64 {
+    1_000_000
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -442,6 +450,7 @@ impl Default for AdminConfig {
         Self {
             listen: default_admin_listen(),
             token: None,
+            max_points: default_max_points(),
         }
     }
 }
@@ -630,6 +639,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "store.batch_readings",
                 reason: "at least one full datagram (50 readings)",
+            });
+        }
+        if self.admin.max_points == 0 {
+            return Err(ConfigError::Invalid {
+                field: "admin.max_points",
+                reason: "at least 1",
             });
         }
         if self.store.path.as_os_str().is_empty() {

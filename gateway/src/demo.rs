@@ -54,12 +54,30 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.store.path = db.clone();
     cfg.telemetry.listen = "127.0.0.1:0".parse().context("loopback address")?;
     cfg.control.listen = "127.0.0.1:0".parse().context("loopback address")?;
-    cfg.admin.listen = "127.0.0.1:0".parse().context("loopback address")?;
+    // The usual API port, so the README's commands work; a free one when it is taken.
+    cfg.admin.listen = match std::net::TcpListener::bind(args.admin) {
+        Ok(_) => args.admin,
+        Err(e) => {
+            println!(
+                "{} is taken ({e}); the HTTP API gets a free port",
+                args.admin
+            );
+            "127.0.0.1:0".parse().context("loopback address")?
+        }
+    };
     let gateway = Gateway::start(&cfg).await?;
     println!(
         "gateway listening on udp://{}, database {}",
         gateway.udp_addr,
         db.display()
+    );
+    let token = crate::config::token_file(&db);
+    println!(
+        "HTTP API on http://{} (token in {}), e.g.\n  curl -H \"Authorization: Bearer $(cat {})\" 'http://{}/api/v1/readings?device=1&since=1m&format=csv'",
+        gateway.admin_addr,
+        token.display(),
+        token.display(),
+        gateway.admin_addr
     );
     println!(
         "simulating {} devices at {} readings/s each ({} per datagram, acks on); Ctrl-C to stop",

@@ -12,6 +12,8 @@
 //! - [`events`] — counters and drop reasons, the names `gateway stats` shows.
 //! - [`aggregate`] — windowed aggregation (the pure state machine so far).
 //! - [`admin`] — the operator HTTP API (health, metrics, devices, commands).
+//! - [`api`] — its query endpoints (readings, aggregates) and OpenAPI document.
+//! - [`rows`] — query rows, their CSV/JSON/NDJSON encodings and downsampling (pure).
 //! - [`cli`] — the command line verbs; `main.rs` only dispatches to them.
 //! - [`demo`] — `gateway demo`, a gateway and a simulated fleet in one process.
 //! - [`signal`] — SIGINT/SIGTERM.
@@ -24,6 +26,7 @@
 
 pub mod admin;
 pub mod aggregate;
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -34,6 +37,7 @@ pub mod limit;
 pub mod memory;
 pub mod mqtt;
 pub mod replay;
+pub mod rows;
 pub mod signal;
 pub mod store;
 
@@ -308,6 +312,17 @@ impl Gateway {
                 .mqtt
                 .enabled
                 .then(|| cfg.mqtt.outbox_max_rows.saturating_mul(9) / 10),
+            aggregate_windows: {
+                let mut w: Vec<u64> = cfg
+                    .aggregate
+                    .windows
+                    .iter()
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .collect();
+                w.sort_unstable();
+                w
+            },
+            max_points: cfg.admin.max_points,
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

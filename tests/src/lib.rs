@@ -598,26 +598,74 @@ pub fn admin_get(
     token_file: &std::path::Path,
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
-    use std::io::{Read, Write};
     let token = std::fs::read_to_string(token_file)?;
-    let mut s = std::net::TcpStream::connect(admin)?;
+    let (code, _, body) = http(admin, "GET", path, Some(token.trim()))?;
+    Ok((code, body))
+}
+
+/// One HTTP/1.1 request with an empty body on a fresh connection: (status, headers, body),
+/// the body de-chunked. A response cut before its last chunk is an error.
+///
+/// # Errors
+/// Connection errors or a malformed answer.
+pub fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     s.write_all(
         format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-             Connection: close\r\n\r\n",
-            token.trim()
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\
+             Connection: close\r\n\r\n"
         )
         .as_bytes(),
     )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = &raw[split + 4..];
+    let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no status line")?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    Ok((code, body))
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    if !chunked {
+        return Ok((code, head, String::from_utf8(body.to_vec())?));
+    }
+    let mut out = Vec::new();
+    loop {
+        let eol = body
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("response cut inside a chunk header")?;
+        let len = usize::from_str_radix(std::str::from_utf8(&body[..eol])?.trim(), 16)?;
+        body = &body[eol + 2..];
+        if len == 0 {
+            break;
+        }
+        if body.len() < len + 2 {
+            bail!(
+                "response cut inside a chunk ({} of {len} bytes)",
+                body.len()
+            );
+        }
+        out.extend_from_slice(&body[..len]);
+        body = &body[len + 2..];
+    }
+    Ok((code, head, String::from_utf8(out)?))
 }
 
 /// The value of metric `name` in Prometheus text (0 when absent).

@@ -57,7 +57,8 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn new(key: (i64, u64, u16), v: f64) -> Self {
+    /// Statistics of one value.
+    pub fn new(key: (i64, u64, u16), v: f64) -> Self {
         Self {
             count: 1,
             min: v,
@@ -79,6 +80,30 @@ impl Stats {
         if key >= self.last_key {
             self.last_key = key;
             self.last = v;
+        }
+    }
+
+    /// Folds `other` in (Chan's parallel combination of mean and variance): the result is
+    /// what one window over both sets of readings would hold.
+    pub fn merge(&mut self, other: &Stats) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 {
+            *self = *other;
+            return;
+        }
+        let n = (self.count + other.count) as f64;
+        let delta = other.mean - self.mean;
+        let (na, nb) = (self.count as f64, other.count as f64);
+        self.mean += delta * nb / n;
+        self.m2 += other.m2 + delta * delta * na * nb / n;
+        self.count += other.count;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+        if other.last_key >= self.last_key {
+            self.last_key = other.last_key;
+            self.last = other.last;
         }
     }
 

@@ -8,6 +8,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
 
+use crate::aggregate::window::{Aggregate, Stats};
 use crate::store::block::{self, BLOCK_SPAN_MS, Decoded};
 use crate::store::{Store, StoreError};
 
@@ -522,5 +523,111 @@ mod tests {
             .await
             .expect("query");
         assert_eq!(again, want);
+    }
+}
+
+/// Which stored aggregate windows to return.
+#[derive(Debug, Clone, Default)]
+pub struct AggregatesFilter {
+    /// Window length, ms (one tier).
+    pub window_ms: u64,
+    /// Only this device.
+    pub device: Option<u32>,
+    /// Only this sensor.
+    pub sensor: Option<u16>,
+    /// Windows starting at or after this, ms since the epoch.
+    pub from_ms: Option<i64>,
+    /// Windows starting before this, ms since the epoch.
+    pub to_ms: Option<i64>,
+}
+
+/// A row of the aggregates table as queried.
+type AggregateRecord = (
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    f64,
+    f64,
+    f64,
+    f64,
+    f64,
+    i64,
+    i64,
+    i64,
+);
+
+impl Store {
+    /// Streams the stored windows (latest revision) matching `filter`, by device, start and
+    /// sensor: the order of the table's primary key, so nothing is sorted in memory.
+    pub fn aggregates(
+        &self,
+        filter: &AggregatesFilter,
+    ) -> impl Stream<Item = Result<Aggregate, StoreError>> + '_ {
+        // Fixed fragments only; every value is a bound parameter.
+        let mut sql = String::from(
+            "SELECT device, start_ms, sensor, revision, count, min, max, mean, stddev, last, \
+             last_ts, last_seq, last_idx FROM aggregates WHERE window_ms = ?",
+        );
+        for (present, cond) in [
+            (filter.device.is_some(), " AND device = ?"),
+            (filter.sensor.is_some(), " AND sensor = ?"),
+            (filter.from_ms.is_some(), " AND start_ms >= ?"),
+            (filter.to_ms.is_some(), " AND start_ms < ?"),
+        ] {
+            if present {
+                sql.push_str(cond);
+            }
+        }
+        sql.push_str(" ORDER BY device, start_ms, sensor");
+        let window_ms = filter.window_ms;
+        let mut q = sqlx::query_as::<_, AggregateRecord>(sqlx::AssertSqlSafe(sql))
+            .bind(i64::try_from(window_ms).unwrap_or(i64::MAX));
+        if let Some(d) = filter.device {
+            q = q.bind(i64::from(d));
+        }
+        if let Some(s) = filter.sensor {
+            q = q.bind(i64::from(s));
+        }
+        if let Some(f) = filter.from_ms {
+            q = q.bind(f);
+        }
+        if let Some(t) = filter.to_ms {
+            q = q.bind(t);
+        }
+        q.fetch(self.pool()).map(move |r| {
+            let (
+                device,
+                start_ms,
+                sensor,
+                revision,
+                count,
+                min,
+                max,
+                mean,
+                stddev,
+                last,
+                lts,
+                lseq,
+                lidx,
+            ) = r?;
+            Ok(Aggregate {
+                device: device as u32,
+                sensor: sensor as u16,
+                window_ms,
+                start_ms,
+                stats: Stats::from_parts(
+                    count as u64,
+                    min,
+                    max,
+                    mean,
+                    stddev,
+                    (lts, lseq as u64, lidx as u16),
+                    last,
+                ),
+                revision: revision as u32,
+            })
+        })
     }
 }
