@@ -76,6 +76,132 @@ pub enum Command {
     /// Windowed aggregates.
     #[command(subcommand)]
     Aggregates(AggregatesCommand),
+    /// The database: sizes, retention, vacuum.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+/// `gateway db ...`
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum DbCommand {
+    /// Sizes, what is stored (readings, windows per tier, outbox) and the vacuum mode.
+    Status {
+        #[command(flatten)]
+        db: DbArg,
+        /// Output format.
+        #[arg(long, default_value = "table")]
+        format: ListFormat,
+    },
+    /// Apply the configuration's [retention] policy once (the running gateway also does it
+    /// every retention.interval).
+    Prune(ServeArgs),
+    /// Rewrite the database so free pages go back to the disk and later deletions can be given
+    /// back in steps (incremental vacuum). Run it with the gateway stopped; needs free disk as
+    /// large as the database.
+    Vacuum {
+        #[command(flatten)]
+        db: DbArg,
+    },
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0))
+}
+
+/// `gateway db ...`
+///
+/// # Errors
+/// Database errors, an invalid configuration, a busy database for `vacuum`.
+pub async fn db(cmd: DbCommand) -> anyhow::Result<()> {
+    match cmd {
+        DbCommand::Status { db, format } => {
+            let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
+            let st = store.db_status(&db.db).await?;
+            store.close().await;
+            match format {
+                ListFormat::Json => println!("{}", serde_json::to_string_pretty(&st)?),
+                ListFormat::Table => {
+                    println!("database    {}", db.db.display());
+                    println!(
+                        "file        {} ({} in use, {} free), WAL {}, auto_vacuum {}",
+                        mib(st.file_bytes),
+                        mib(st.used_bytes),
+                        mib(st.free_bytes),
+                        mib(st.wal_bytes),
+                        st.auto_vacuum
+                    );
+                    let range = |a: Option<i64>, b: Option<i64>| match (a, b) {
+                        (Some(a), Some(b)) => format!("{} .. {}", format_ms(a), format_ms(b)),
+                        _ => "-".into(),
+                    };
+                    println!(
+                        "readings    {} ({})",
+                        st.readings,
+                        range(st.readings_from_ms, st.readings_to_ms)
+                    );
+                    for (w, n, lo, hi) in &st.aggregates {
+                        println!(
+                            "windows {:<4}{n} ({})",
+                            humantime::format_duration(Duration::from_millis(*w as u64))
+                                .to_string(),
+                            range(*lo, *hi)
+                        );
+                    }
+                    println!("outbox      {} rows", st.outbox_rows);
+                }
+            }
+        }
+        DbCommand::Prune(args) => {
+            let cfg = args.resolve()?;
+            if !cfg.retention.active() {
+                bail!(
+                    "nothing to enforce: set retention.readings, retention.aggregates, \
+                     retention.tiers or retention.max_db_size (see gateway config default)"
+                );
+            }
+            let store = Store::open(&OpenOptions::cli(&cfg.store.path, false)).await?;
+            let mut policy = crate::store::retention::Policy::from_config(&cfg);
+            policy.cap_budget = None;
+            eprintln!("pruning {} ...", cfg.store.path.display());
+            let r = store.prune(&policy, crate::store::now_ms()).await?;
+            store.close().await;
+            println!(
+                "deleted {} readings ({} blocks) and {} windows; kept {} unsent windows; \
+                 gave back {} pages; in use {} -> {}{}",
+                r.readings,
+                r.blocks,
+                r.aggregates,
+                r.kept_unsent,
+                r.pages_freed,
+                mib(r.used_before),
+                mib(r.used_after),
+                if r.cap_unmet {
+                    " (still above retention.max_db_size: what is left may not be deleted)"
+                } else {
+                    ""
+                }
+            );
+        }
+        DbCommand::Vacuum { db } => {
+            let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
+            eprintln!(
+                "vacuuming {} (rewrites the whole file) ...",
+                db.db.display()
+            );
+            let (before, after) = store
+                .vacuum_full()
+                .await
+                .context("vacuum (is the gateway still running?)")?;
+            store.close().await;
+            println!(
+                "{} -> {}; auto_vacuum is incremental from now on",
+                mib(before),
+                mib(after)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `gateway aggregates ...`

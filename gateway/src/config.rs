@@ -35,6 +35,152 @@ pub struct Config {
     /// Process-level settings.
     #[serde(default)]
     pub service: ServiceConfig,
+    /// How long data is kept and how large the database may grow.
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// Retention settings: enforced by a background task every `interval`, in small batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How long raw readings are kept, by their device timestamp. Default: forever.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub readings: Option<Duration>,
+    /// How long aggregate windows of every tier are kept, by window start. Default: forever.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub aggregates: Option<Duration>,
+    /// Per tier (window length → how long), overriding `aggregates`.
+    #[serde(default)]
+    pub tiers: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
+    /// Largest database (pages in use, bytes): past it the oldest raw readings are deleted,
+    /// then the oldest sent aggregate windows, until it is at 90 % of this. Default: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_db_size: Option<ByteSize>,
+    /// How often the policy is enforced. Default 1m.
+    #[serde(default = "default_retention_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows deleted per statement (each statement is one short write transaction). Default 2000.
+    #[serde(default = "default_retention_batch")]
+    pub batch: u32,
+}
+
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_retention_batch() -> u32 {
+    2_000
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            readings: None,
+            aggregates: None,
+            tiers: Default::default(),
+            max_db_size: None,
+            interval: default_retention_interval(),
+            batch: default_retention_batch(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// How long windows of `window` are kept.
+    pub fn keep_aggregates(&self, window: Duration) -> Option<Duration> {
+        self.tiers
+            .iter()
+            .find(|(k, _)| humantime::parse_duration(k).ok() == Some(window))
+            .map(|(_, v)| **v)
+            .or(self.aggregates)
+    }
+
+    /// Whether anything is to be enforced.
+    pub fn active(&self) -> bool {
+        self.readings.is_some()
+            || self.aggregates.is_some()
+            || !self.tiers.is_empty()
+            || self.max_db_size.is_some()
+    }
+}
+
+/// A size in bytes, written `10GiB`, `512MiB`, `800MB`, `1.5GB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 10GiB)"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            "TB" => 1_000_000_000_000,
+            "TiB" => 1 << 40,
+            u => {
+                return Err(format!(
+                    "{s:?}: unknown unit {u:?} (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+                ));
+            }
+        };
+        Ok(ByteSize((n * mult as f64) as u64))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b >= 1 << 30 && b.is_multiple_of(1 << 20) {
+            write!(f, "{}MiB", b >> 20)
+        } else if b >= 1 << 20 && b.is_multiple_of(1 << 10) {
+            write!(f, "{}KiB", b >> 10)
+        } else {
+            write!(f, "{b}")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 /// What to do with a reading that arrives after its window closed.
@@ -641,6 +787,53 @@ impl Config {
                 reason: "at least one full datagram (50 readings)",
             });
         }
+        let r = &self.retention;
+        if r.batch == 0 || r.interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                field: "retention.batch",
+                reason: "batch at least 1 and interval at least 1s",
+            });
+        }
+        if r.max_db_size.is_some_and(|b| b.0 < 1 << 20) {
+            return Err(ConfigError::Invalid {
+                field: "retention.max_db_size",
+                reason: "at least 1MiB",
+            });
+        }
+        if r.tiers.keys().any(|k| {
+            humantime::parse_duration(k).map_or(true, |w| !self.aggregate.windows.contains(&w))
+        }) {
+            return Err(ConfigError::Invalid {
+                field: "retention.tiers",
+                reason: "each key must be one of aggregate.windows, e.g. \"10s\" = \"7d\"",
+            });
+        }
+        // A closed window is remembered for revisions by late readings: keep it that long.
+        if self.aggregate.windows.iter().any(|w| {
+            r.keep_aggregates(*w)
+                .is_some_and(|k| k < *w * 2 + self.aggregate.lateness)
+        }) {
+            return Err(ConfigError::Invalid {
+                field: "retention.aggregates",
+                reason: "each tier kept at least twice its window plus the lateness",
+            });
+        }
+        // Open windows are rebuilt from the readings after a restart: keep those.
+        let longest = self
+            .aggregate
+            .windows
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or_default();
+        if r.readings
+            .is_some_and(|k| k < longest * 2 + self.aggregate.lateness)
+        {
+            return Err(ConfigError::Invalid {
+                field: "retention.readings",
+                reason: "at least twice the longest aggregate window plus the lateness",
+            });
+        }
         if self.admin.max_points == 0 {
             return Err(ConfigError::Invalid {
                 field: "admin.max_points",
@@ -807,6 +1000,26 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_with_units() {
+        for (text, bytes) in [
+            ("512", 512),
+            ("10GiB", 10 << 30),
+            ("1.5GB", 1_500_000_000),
+            ("800 MB", 800_000_000),
+            ("3MiB", 3 << 20),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(bytes)), "{text}");
+        }
+        for bad in ["", "ten", "5 parsecs", "GiB"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad}");
+        }
+        // What `config check` prints reads back the same.
+        for b in [ByteSize(3 << 20), ByteSize(10 << 30), ByteSize(12345)] {
+            assert_eq!(b.to_string().parse::<ByteSize>(), Ok(b));
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_errors() {
         let err = toml::from_str::<Config>("[telemetry]\nlisten = \"0.0.0.0:1\"\nqeue = 5\n");
         assert!(err.is_err());
@@ -823,6 +1036,20 @@ mod tests {
             ("[mqtt]\ntopic_prefix = \"a//b\"\n", "mqtt.topic_prefix"),
             ("[mqtt]\ntopic_prefix = \"$SYS\"\n", "mqtt.topic_prefix"),
             ("[service]\nid = \"a/b\"\n", "service.id"),
+            ("[retention]\nreadings = \"1m\"\n", "retention.readings"),
+            (
+                "[retention]\ntiers = { \"10s\" = \"15s\" }\n",
+                "retention.aggregates",
+            ),
+            (
+                "[retention]\ntiers = { \"7s\" = \"1d\" }\n",
+                "retention.tiers",
+            ),
+            (
+                "[retention]\nmax_db_size = \"100KiB\"\n",
+                "retention.max_db_size",
+            ),
+            ("[retention]\nbatch = 0\n", "retention.batch"),
             ("[service]\nid = \"gw#1\"\n", "service.id"),
             ("[aggregate]\nwindows = []\n", "aggregate.windows"),
             ("[aggregate]\nwindows = [\"500ms\"]\n", "aggregate.windows"),

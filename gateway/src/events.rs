@@ -155,6 +155,14 @@ pub mod names {
     pub const OUTBOX_BYTES: &str = "outbox_bytes";
     /// Age of the oldest message in the outbox, ms (a gauge; 0 when empty).
     pub const OUTBOX_OLDEST_AGE_MS: &str = "outbox_oldest_age_ms";
+    /// Retention enforcements completed.
+    pub const RETENTION_RUNS: &str = "retention_runs";
+    /// Raw readings deleted by retention.
+    pub const RETENTION_READINGS_DELETED: &str = "retention_readings_deleted";
+    /// Aggregate windows deleted by retention.
+    pub const RETENTION_AGGREGATES_DELETED: &str = "retention_aggregates_deleted";
+    /// Bytes of database pages in use after the last retention run (a gauge).
+    pub const DB_USED_BYTES: &str = "db_used_bytes";
 }
 
 /// The one-line description of a counter or gauge, for `# HELP` in `/metrics`.
@@ -185,6 +193,10 @@ pub fn help(name: &str) -> &'static str {
         OUTBOX_ROWS => "Messages waiting in the outbox.",
         OUTBOX_BYTES => "Payload bytes waiting in the outbox.",
         OUTBOX_OLDEST_AGE_MS => "Age of the oldest message in the outbox (0 when empty).",
+        RETENTION_RUNS => "Retention enforcements completed.",
+        RETENTION_READINGS_DELETED => "Raw readings deleted by retention.",
+        RETENTION_AGGREGATES_DELETED => "Aggregate windows deleted by retention.",
+        DB_USED_BYTES => "Bytes of database pages in use after the last retention run.",
         "drop_too_short" => "Datagrams dropped: shorter than a header and tag.",
         "drop_too_long" => "Datagrams dropped: longer than the protocol allows.",
         "drop_bad_version" => "Datagrams dropped: unknown protocol version.",
@@ -256,6 +268,17 @@ pub struct Counters {
     pub outbox_bytes: AtomicU64,
     /// See [`names::OUTBOX_OLDEST_AGE_MS`].
     pub outbox_oldest_age_ms: AtomicU64,
+    /// See [`names::RETENTION_RUNS`].
+    pub retention_runs: AtomicU64,
+    /// See [`names::RETENTION_READINGS_DELETED`].
+    pub retention_readings_deleted: AtomicU64,
+    /// See [`names::RETENTION_AGGREGATES_DELETED`].
+    pub retention_aggregates_deleted: AtomicU64,
+    /// See [`names::DB_USED_BYTES`].
+    pub db_used_bytes: AtomicU64,
+    /// Gateway time (ms) the writer last finished a loop: a commit, or its idle tick. The
+    /// watchdog reads it (not exported).
+    pub writer_heartbeat_ms: AtomicU64,
     /// The error of the writer's failing commit while its commits fail (disk full, database
     /// read-only or gone); None while they succeed. `/healthz` reports it.
     pub store_error: std::sync::Mutex<Option<String>>,
@@ -394,6 +417,18 @@ impl Counters {
                 c(&self.outbox_oldest_age_ms),
                 true,
             ),
+            (names::RETENTION_RUNS, c(&self.retention_runs), false),
+            (
+                names::RETENTION_READINGS_DELETED,
+                c(&self.retention_readings_deleted),
+                false,
+            ),
+            (
+                names::RETENTION_AGGREGATES_DELETED,
+                c(&self.retention_aggregates_deleted),
+                false,
+            ),
+            (names::DB_USED_BYTES, c(&self.db_used_bytes), true),
         ]);
         out
     }

@@ -17,6 +17,7 @@
 //! - [`cli`] — the command line verbs; `main.rs` only dispatches to them.
 //! - [`demo`] — `gateway demo`, a gateway and a simulated fleet in one process.
 //! - [`signal`] — SIGINT/SIGTERM.
+//! - [`notify`] — readiness, watchdog and stopping notifications for systemd (`Type=notify`).
 //!
 //! # Shutdown
 //! The sources (ingest and the control listener with its sessions) and the checkpoint helper
@@ -36,6 +37,7 @@ pub mod ingest;
 pub mod limit;
 pub mod memory;
 pub mod mqtt;
+pub mod notify;
 pub mod replay;
 pub mod rows;
 pub mod signal;
@@ -330,6 +332,15 @@ impl Gateway {
             wal_reset_wanted,
             cancel.clone(),
         ));
+        if cfg.retention.active() {
+            tracker.spawn(store::retention::run(
+                store.clone(),
+                store::retention::Policy::from_config(cfg),
+                cfg.retention.interval,
+                counters.clone(),
+                cancel.clone(),
+            ));
+        }
         let mqtt_state = Arc::new(mqtt::MqttState::default());
         if cfg.mqtt.enabled {
             let forwarder = mqtt::Forwarder::new(

@@ -36,6 +36,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Query(cmd)) => gateway::cli::query(cmd).await,
             Some(Command::Stats(args)) => gateway::cli::stats(args).await,
             Some(Command::Aggregates(cmd)) => gateway::cli::aggregates(cmd).await,
+            Some(Command::Db(cmd)) => gateway::cli::db(cmd).await,
             Some(Command::Demo(args)) => gateway::demo::run(args).await,
             Some(Command::Config(ConfigCommand::Check(args))) => gateway::cli::config_check(&args),
             Some(Command::Config(ConfigCommand::Default)) => {
@@ -65,9 +66,30 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
         gw.control_addr,
         gw.admin_addr
     );
+    // Type=notify: ready once every listener is bound and the database is open.
+    let notifier = std::sync::Arc::new(gateway::notify::Notifier::from_env());
+    notifier.send(&format!(
+        "READY=1\nSTATUS=serving telemetry on {}, admin on {}",
+        gw.udp_addr, gw.admin_addr
+    ));
+    let watchdog_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(period) = notifier.watchdog_period() {
+        tokio::spawn(gateway::notify::watchdog(
+            notifier.clone(),
+            period,
+            // The writer goes round at least every stats interval when idle.
+            gateway::notify::writer_alive(
+                gw.counters.clone(),
+                period * 2 + cfg.service.stats_interval,
+            ),
+            watchdog_stop.clone(),
+        ));
+    }
     gateway::signal::shutdown()
         .await
         .context("installing signal handlers")?;
+    notifier.send("STOPPING=1");
+    watchdog_stop.cancel();
     tokio::select! {
         done = gw.stop() => {
             if !done {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod files;
 pub mod outbox;
 pub mod query;
+pub mod retention;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -191,6 +192,49 @@ fn key_from(bytes: Vec<u8>) -> Result<DeviceKey, StoreError> {
 pub struct Store {
     pool: SqlitePool,
     outbox: std::sync::Arc<outbox::OutboxGauge>,
+    turn: std::sync::Arc<WriteTurn>,
+}
+
+/// SQLite has one writer at a time, and a busy writer starves anyone else who waits through
+/// SQLite's busy handler. Another task that must write (retention) asks for a turn: the
+/// writer, between two commits, parks until that statement is done.
+#[derive(Debug, Default)]
+pub(crate) struct WriteTurn {
+    want: std::sync::atomic::AtomicBool,
+    parked: tokio::sync::Notify,
+    done: tokio::sync::Notify,
+}
+
+impl WriteTurn {
+    /// Writer side: parks while another task's statement runs (at most 500 ms), if one asked.
+    pub(crate) async fn give(&self) {
+        use std::sync::atomic::Ordering::Acquire;
+        if !self.want.load(Acquire) {
+            return;
+        }
+        let done = self.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        self.parked.notify_one();
+        let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
+    }
+
+    /// Other side: runs `statement` while the writer is parked (or after 200 ms without an
+    /// answer: an idle writer holds no lock). Returns its output and how long it ran.
+    pub(crate) async fn take<T>(
+        &self,
+        statement: impl std::future::Future<Output = T>,
+    ) -> (T, Duration) {
+        use std::sync::atomic::Ordering::Release;
+        self.want.store(true, Release);
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.parked.notified()).await;
+        let started = tokio::time::Instant::now();
+        let out = statement.await;
+        let took = started.elapsed();
+        self.want.store(false, Release);
+        self.done.notify_waiters();
+        (out, took)
+    }
 }
 
 /// The largest power of two that is at most `len` and at most `max` (a power of two): chunk
@@ -265,6 +309,9 @@ impl Store {
         let connect = SqliteConnectOptions::from_str("sqlite://")?
             .filename(&opts.path)
             .create_if_missing(opts.create)
+            // New databases give deleted pages back in steps (retention); old ones keep their
+            // mode until `gateway db vacuum`.
+            .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match opts.durability {
                 Durability::Normal => SqliteSynchronous::Normal,
@@ -301,6 +348,7 @@ impl Store {
         let store = Store {
             pool,
             outbox: Default::default(),
+            turn: Default::default(),
         };
         store.convert_legacy_readings().await?;
         Ok(store)
@@ -396,6 +444,11 @@ impl Store {
             tx.commit().await?;
             moved += rows.len() as u64;
         }
+    }
+
+    /// Turns at writing between the writer and other writing tasks.
+    pub(crate) fn turn(&self) -> &WriteTurn {
+        &self.turn
     }
 
     /// The connection pool, for the writer and queries of this module.

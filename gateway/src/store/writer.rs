@@ -344,6 +344,13 @@ impl Writer {
         }
     }
 
+    /// Tells the watchdog the writer is going round.
+    fn heartbeat(&self) {
+        self.counters
+            .writer_heartbeat_ms
+            .store(super::now_ms().max(0) as u64, Relaxed);
+    }
+
     /// Runs until the input channel closes and everything queued is committed. Commit errors
     /// are logged, counted and retried; they never end the writer, but when it is stopping
     /// with a database that stays unwritable it gives up on what is left (none of it acked).
@@ -361,6 +368,8 @@ impl Writer {
                     self.commit(Vec::new(), true, true).await;
                     // Idle: carry the merge on while nothing is queued.
                     self.merge_some(true).await;
+                    self.heartbeat();
+                    self.store.turn().give().await;
                     continue;
                 }
             };
@@ -393,6 +402,8 @@ impl Writer {
             // Under a load that never lets the tick win, the idle sweep rides on the flush.
             self.commit(batch, flush, flush).await;
             self.merge_some(false).await;
+            self.heartbeat();
+            self.store.turn().give().await;
         }
         self.commit(Vec::new(), true, false).await;
         tracing::info!(

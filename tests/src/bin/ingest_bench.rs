@@ -149,6 +149,10 @@ struct Step {
     gateway_peak_rss_mib: f64,
     drops: BTreeMap<String, u64>,
     sustained: bool,
+    /// Readings deleted by retention during the step (with a `[retention]` config).
+    retention_deleted: u64,
+    /// Database file at the end of the step.
+    db_mib: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -435,6 +439,7 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
     gw.stop()?;
     let r = read_report(&report)?;
     let s = stats(&db)?;
+    let db_mib = std::fs::metadata(&db).map_or(0.0, |m| m.len() as f64 / 1048576.0);
     let drops = drops_by_reason(&s)?;
     let committed = counter(&s, "readings_committed");
     let secs = args.duration.as_secs_f64();
@@ -465,6 +470,8 @@ fn step(args: &Args, rate: u64, acks: bool) -> anyhow::Result<Step> {
         gateway_peak_rss_mib: rss as f64 / 1024.0,
         drops,
         sustained,
+        retention_deleted: counter(&s, "retention_readings_deleted"),
+        db_mib,
     })
 }
 
@@ -514,6 +521,12 @@ fn print_step(s: &Step) {
         drops,
         if s.sustained { "yes" } else { "no" }
     );
+    if s.retention_deleted > 0 {
+        println!(
+            "|  | retention deleted {} readings; database {:.1} MiB at the end |",
+            s.retention_deleted, s.db_mib
+        );
+    }
 }
 
 fn machine() -> String {

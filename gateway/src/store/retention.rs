@@ -1,0 +1,560 @@
+//! Retention: deletes raw readings and aggregate windows past their age, and the oldest data
+//! when the database is past its size cap, then gives the freed pages back to the filesystem.
+//!
+//! Every delete is one statement over at most `batch` rows located through a primary key
+//! range (device first, then time), so it is a short write transaction. The writer parks
+//! between two commits while one runs ([`super::WriteTurn`]: a busy writer would otherwise
+//! starve it), and the pruner then pauses nine times as long as the statement took, so the
+//! writer keeps at least nine tenths of its time. A window still waiting in the outbox (updated at or after the oldest unsent outbox
+//! row) is never deleted: the outbox has its own bounds.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::block::BLOCK_SPAN_MS;
+use super::outbox::KIND_AGG;
+use super::{Store, StoreError};
+
+/// What to enforce, in milliseconds and bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Keep raw readings this long.
+    pub readings_ms: Option<i64>,
+    /// Per window length (ms): keep its windows this long.
+    pub aggregates_ms: Vec<(i64, Option<i64>)>,
+    /// Largest database, bytes of pages in use.
+    pub max_bytes: Option<u64>,
+    /// Rows per delete statement.
+    pub batch: u32,
+    /// Longest a run works towards the size cap before it reports and lets the next run go on
+    /// (None: until done).
+    pub cap_budget: Option<Duration>,
+}
+
+impl Policy {
+    /// The policy of the configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let r = &cfg.retention;
+        Policy {
+            readings_ms: r.readings.map(ms),
+            aggregates_ms: cfg
+                .aggregate
+                .windows
+                .iter()
+                .map(|w| (ms(*w), r.keep_aggregates(*w).map(ms)))
+                .collect(),
+            max_bytes: r.max_db_size.map(|b| b.0),
+            batch: r.batch.max(1),
+            cap_budget: Some(r.interval.max(Duration::from_secs(5))),
+        }
+    }
+}
+
+/// What one enforcement did.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Raw readings deleted.
+    pub readings: u64,
+    /// Rows of the blocks and staging tables deleted.
+    pub blocks: u64,
+    /// Aggregate windows deleted.
+    pub aggregates: u64,
+    /// Windows kept only because they are still in the outbox.
+    pub kept_unsent: u64,
+    /// Pages given back to the filesystem.
+    pub pages_freed: u64,
+    /// Bytes of pages in use before and after.
+    pub used_before: u64,
+    /// Bytes of pages in use after.
+    pub used_after: u64,
+    /// Whether the size cap could not be met with what may be deleted.
+    pub cap_unmet: bool,
+}
+
+/// Sizes and ranges, for `gateway db status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DbStatus {
+    /// Bytes of the database file (without its WAL).
+    pub file_bytes: u64,
+    /// Bytes of pages in use.
+    pub used_bytes: u64,
+    /// Bytes of free pages (given back by an incremental vacuum).
+    pub free_bytes: u64,
+    /// Bytes of the write-ahead log.
+    pub wal_bytes: u64,
+    /// `none`, `full` or `incremental`.
+    pub auto_vacuum: String,
+    /// Readings stored (in merged blocks and staging).
+    pub readings: i64,
+    /// Earliest and latest reading timestamp, ms (device clock).
+    pub readings_from_ms: Option<i64>,
+    /// Latest reading timestamp, ms.
+    pub readings_to_ms: Option<i64>,
+    /// Per window length: (window_ms, windows, earliest start, latest start).
+    pub aggregates: Vec<(i64, i64, Option<i64>, Option<i64>)>,
+    /// Rows waiting in the outbox.
+    pub outbox_rows: i64,
+}
+
+impl Store {
+    /// Bytes of pages in use and in the file.
+    pub async fn db_size(&self) -> Result<(u64, u64), StoreError> {
+        let (pages, free, size): (i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT page_count FROM pragma_page_count), \
+             (SELECT freelist_count FROM pragma_freelist_count), \
+             (SELECT page_size FROM pragma_page_size)",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let used = (pages - free).max(0) as u64 * size as u64;
+        Ok((used, pages.max(0) as u64 * size as u64))
+    }
+
+    /// Deletes, for every device, the blocks whose readings are all before `cutoff`. Returns
+    /// (readings, blocks).
+    async fn prune_blocks_before(
+        &self,
+        devices: &[i64],
+        cutoff: i64,
+        batch: u32,
+    ) -> Result<(u64, u64), StoreError> {
+        let (mut readings, mut blocks) = (0u64, 0u64);
+        for &device in devices {
+            loop {
+                // A read first (no lock, an index seek): most devices have nothing to delete,
+                // and a turn costs the writer a pause.
+                let any: Option<i64> = sqlx::query_scalar(
+                    "SELECT 1 FROM blocks WHERE device = ? AND ts_min < ? AND ts_max < ? LIMIT 1",
+                )
+                .bind(device)
+                .bind(cutoff)
+                .bind(cutoff)
+                .fetch_optional(self.pool())
+                .await?;
+                if any.is_none() {
+                    break;
+                }
+                let (counts, took) = self
+                    .turn()
+                    .take(
+                        sqlx::query_scalar(
+                            "DELETE FROM blocks WHERE (device, ts_min, seq, idx) IN \
+                             (SELECT device, ts_min, seq, idx FROM blocks \
+                              WHERE device = ? AND ts_min < ? AND ts_max < ? LIMIT ?) \
+                             RETURNING count",
+                        )
+                        .bind(device)
+                        .bind(cutoff)
+                        .bind(cutoff)
+                        .bind(i64::from(batch))
+                        .fetch_all(self.pool()),
+                    )
+                    .await;
+                let counts: Vec<i64> = counts?;
+                blocks += counts.len() as u64;
+                readings += counts.iter().map(|c| *c as u64).sum::<u64>();
+                let full = counts.len() as u32 == batch;
+                pace(took).await;
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok((readings, blocks))
+    }
+
+    /// Deletes staged rows (written, not yet merged into blocks) whose readings are all before
+    /// `cutoff` (`None`: the oldest staged rows, one batch). Staging is in insertion order, so
+    /// its oldest rows are its first. Returns (readings, rows).
+    async fn prune_staging(
+        &self,
+        cutoff: Option<i64>,
+        batch: u32,
+    ) -> Result<(u64, u64), StoreError> {
+        let (mut readings, mut rows) = (0u64, 0u64);
+        loop {
+            let q = match cutoff {
+                Some(c) => sqlx::query_scalar(
+                    "DELETE FROM staging WHERE rowid IN \
+                     (SELECT rowid FROM staging WHERE ts_max < ? LIMIT ?) RETURNING count",
+                )
+                .bind(c),
+                None => sqlx::query_scalar(
+                    "DELETE FROM staging WHERE rowid IN \
+                     (SELECT rowid FROM staging ORDER BY rowid LIMIT ?) RETURNING count",
+                ),
+            };
+            let (counts, took) = self
+                .turn()
+                .take(q.bind(i64::from(batch)).fetch_all(self.pool()))
+                .await;
+            let counts: Vec<i64> = counts?;
+            rows += counts.len() as u64;
+            readings += counts.iter().map(|c| *c as u64).sum::<u64>();
+            let full = counts.len() as u32 == batch;
+            pace(took).await;
+            if !full || cutoff.is_none() {
+                return Ok((readings, rows));
+            }
+        }
+    }
+
+    /// The update time before which every window has left the outbox (None: nothing waits).
+    async fn oldest_unsent_ms(&self) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT min(created_ms) FROM outbox WHERE kind = ?")
+                .bind(KIND_AGG)
+                .fetch_one(self.pool())
+                .await?,
+        )
+    }
+
+    /// Deletes the windows of length `window_ms` that start before `cutoff` and have been sent.
+    /// Returns (deleted, kept because unsent).
+    async fn prune_windows_before(
+        &self,
+        devices: &[i64],
+        window_ms: i64,
+        cutoff: i64,
+        batch: u32,
+    ) -> Result<(u64, u64), StoreError> {
+        let guard = self.oldest_unsent_ms().await?.unwrap_or(i64::MAX);
+        let (mut deleted, mut kept) = (0u64, 0u64);
+        for &device in devices {
+            loop {
+                let any: Option<i64> = sqlx::query_scalar(
+                    "SELECT 1 FROM aggregates WHERE device = ? AND window_ms = ? AND start_ms < ? \
+                     AND updated_ms < ? LIMIT 1",
+                )
+                .bind(device)
+                .bind(window_ms)
+                .bind(cutoff)
+                .bind(guard)
+                .fetch_optional(self.pool())
+                .await?;
+                if any.is_none() {
+                    break;
+                }
+                let (n, took) = self
+                    .turn()
+                    .take(
+                        sqlx::query(
+                            "DELETE FROM aggregates WHERE (device, window_ms, start_ms, sensor) \
+                             IN (SELECT device, window_ms, start_ms, sensor FROM aggregates \
+                             WHERE device = ? AND window_ms = ? AND start_ms < ? \
+                             AND updated_ms < ? LIMIT ?)",
+                        )
+                        .bind(device)
+                        .bind(window_ms)
+                        .bind(cutoff)
+                        .bind(guard)
+                        .bind(i64::from(batch))
+                        .execute(self.pool()),
+                    )
+                    .await;
+                let n = n?.rows_affected();
+                deleted += n;
+                pace(took).await;
+                if n < u64::from(batch) {
+                    break;
+                }
+            }
+            if guard != i64::MAX {
+                let (k,): (i64,) = sqlx::query_as(
+                    "SELECT count(*) FROM aggregates WHERE device = ? AND window_ms = ? \
+                     AND start_ms < ? AND updated_ms >= ?",
+                )
+                .bind(device)
+                .bind(window_ms)
+                .bind(cutoff)
+                .bind(guard)
+                .fetch_one(self.pool())
+                .await?;
+                kept += k as u64;
+            }
+        }
+        Ok((deleted, kept))
+    }
+
+    /// Gives free pages back to the filesystem, a few megabytes per statement. Needs
+    /// `auto_vacuum = INCREMENTAL` (new databases; `gateway db vacuum` converts old ones).
+    pub async fn incremental_vacuum(&self) -> Result<u64, StoreError> {
+        let mut freed = 0u64;
+        loop {
+            let before: i64 =
+                sqlx::query_scalar("SELECT freelist_count FROM pragma_freelist_count")
+                    .fetch_one(self.pool())
+                    .await?;
+            if before == 0 {
+                return Ok(freed);
+            }
+            // A pragma argument cannot be bound; this is a constant.
+            let (done, took) = self
+                .turn()
+                .take(sqlx::query("PRAGMA incremental_vacuum(2048)").execute(self.pool()))
+                .await;
+            done?;
+            let after: i64 = sqlx::query_scalar("SELECT freelist_count FROM pragma_freelist_count")
+                .fetch_one(self.pool())
+                .await?;
+            pace(took).await;
+            if after >= before {
+                // Not in incremental mode: nothing to give back this way.
+                return Ok(freed);
+            }
+            freed += (before - after) as u64;
+        }
+    }
+
+    /// Enforces `policy` once at gateway time `now_ms`.
+    ///
+    /// # Errors
+    /// Database errors (what was deleted before stays deleted).
+    pub async fn prune(&self, policy: &Policy, now_ms: i64) -> Result<PruneReport, StoreError> {
+        let mut r = PruneReport::default();
+        let devices: Vec<i64> = self
+            .device_ids()
+            .await?
+            .into_iter()
+            .map(|d| i64::from(d.0))
+            .collect();
+        r.used_before = self.db_size().await?.0;
+        if let Some(keep) = policy.readings_ms {
+            let cutoff = now_ms.saturating_sub(keep);
+            let (n, b) = self
+                .prune_blocks_before(&devices, cutoff, policy.batch)
+                .await?;
+            let (sn, sb) = self.prune_staging(Some(cutoff), policy.batch).await?;
+            r.readings += n + sn;
+            r.blocks += b + sb;
+        }
+        for &(window, keep) in &policy.aggregates_ms {
+            if let Some(keep) = keep {
+                let (n, k) = self
+                    .prune_windows_before(
+                        &devices,
+                        window,
+                        now_ms.saturating_sub(keep),
+                        policy.batch,
+                    )
+                    .await?;
+                r.aggregates += n;
+                r.kept_unsent += k;
+            }
+        }
+        if let Some(cap) = policy.max_bytes {
+            self.enforce_cap(&devices, cap, policy, &mut r).await?;
+        }
+        r.pages_freed += self.incremental_vacuum().await?;
+        r.used_after = self.db_size().await?.0;
+        Ok(r)
+    }
+
+    /// Deletes the oldest readings, then the oldest sent windows, until the pages in use are at
+    /// 90 % of `cap`.
+    async fn enforce_cap(
+        &self,
+        devices: &[i64],
+        cap: u64,
+        policy: &Policy,
+        r: &mut PruneReport,
+    ) -> Result<(), StoreError> {
+        if self.db_size().await?.0 <= cap {
+            return Ok(());
+        }
+        let target = cap / 10 * 9;
+        let mut blocks_left = true;
+        let deadline = policy.cap_budget.map(|b| tokio::time::Instant::now() + b);
+        while self.db_size().await?.0 > target {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                // Ingest outpaces what retention may delete in its share of the writer's
+                // time: report, and go on at the next run.
+                r.cap_unmet = true;
+                tracing::warn!(
+                    cap,
+                    "database above retention.max_db_size: ingest outpaces retention's share \
+                     of write time; continuing at the next run"
+                );
+                return Ok(());
+            }
+            // The oldest reading of any device, then a step of a twentieth of what is stored
+            // (at least one block span) past it.
+            let mut oldest: Option<(i64, i64)> = None;
+            for &d in devices.iter().filter(|_| blocks_left) {
+                let range: (Option<i64>, Option<i64>) =
+                    sqlx::query_as("SELECT min(ts_min), max(ts_max) FROM blocks WHERE device = ?")
+                        .bind(d)
+                        .fetch_one(self.pool())
+                        .await?;
+                if let (Some(lo), Some(hi)) = range {
+                    oldest = Some(oldest.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+                }
+            }
+            if let Some((lo, hi)) = oldest {
+                let cutoff = lo + ((hi - lo) / 20).max(BLOCK_SPAN_MS) + BLOCK_SPAN_MS;
+                let (n, b) = self
+                    .prune_blocks_before(devices, cutoff, policy.batch)
+                    .await?;
+                r.readings += n;
+                r.blocks += b;
+                if b > 0 {
+                    continue;
+                }
+            }
+            blocks_left = false;
+            // Under heavy load most readings may still be staged (not merged into blocks yet):
+            // the oldest staged rows next.
+            let (n, b) = self.prune_staging(None, policy.batch).await?;
+            r.readings += n;
+            r.blocks += b;
+            if b > 0 {
+                continue;
+            }
+            // No readings left to delete: the oldest sent windows, tier by tier.
+            let mut any = false;
+            for &(window, _) in &policy.aggregates_ms {
+                let lo: Option<i64> =
+                    sqlx::query_scalar("SELECT min(start_ms) FROM aggregates WHERE window_ms = ?")
+                        .bind(window)
+                        .fetch_one(self.pool())
+                        .await?;
+                if let Some(lo) = lo {
+                    let cutoff = lo + window.max(1) * 100;
+                    let (n, k) = self
+                        .prune_windows_before(devices, window, cutoff, policy.batch)
+                        .await?;
+                    r.aggregates += n;
+                    r.kept_unsent = r.kept_unsent.max(k);
+                    any |= n > 0;
+                }
+            }
+            if !any {
+                r.cap_unmet = true;
+                tracing::warn!(
+                    cap,
+                    "database above retention.max_db_size with nothing more that may be deleted \
+                     (what is left is unsent or not covered by the policy)"
+                );
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sizes and ranges of what is stored.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn db_status(&self, db_path: &std::path::Path) -> Result<DbStatus, StoreError> {
+        let (used, file) = self.db_size().await?;
+        let mode: i64 = sqlx::query_scalar("SELECT auto_vacuum FROM pragma_auto_vacuum")
+            .fetch_one(self.pool())
+            .await?;
+        let (readings, lo, hi): (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT sum(c), min(lo), max(hi) FROM (\
+             SELECT sum(count) AS c, min(ts_min) AS lo, max(ts_max) AS hi FROM blocks UNION ALL \
+             SELECT sum(count), min(ts_min), max(ts_max) FROM staging)",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        let aggregates = sqlx::query_as(
+            "SELECT window_ms, count(*), min(start_ms), max(start_ms) FROM aggregates \
+             GROUP BY window_ms ORDER BY window_ms",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let outbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(self.pool())
+            .await?;
+        let mut wal = db_path.as_os_str().to_owned();
+        wal.push("-wal");
+        Ok(DbStatus {
+            file_bytes: file,
+            used_bytes: used,
+            free_bytes: file.saturating_sub(used),
+            wal_bytes: std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+            auto_vacuum: match mode {
+                1 => "full",
+                2 => "incremental",
+                _ => "none",
+            }
+            .into(),
+            readings: readings.unwrap_or(0),
+            readings_from_ms: lo,
+            readings_to_ms: hi,
+            aggregates,
+            outbox_rows,
+        })
+    }
+
+    /// Rewrites the whole database with `auto_vacuum = INCREMENTAL` (so later deletions can
+    /// be given back without this), returning (bytes before, bytes after). Needs as much free
+    /// disk as the database and an exclusive lock: run it with the gateway stopped.
+    ///
+    /// # Errors
+    /// Database errors, among them a busy database.
+    pub async fn vacuum_full(&self) -> Result<(u64, u64), StoreError> {
+        let before = self.db_size().await?.1;
+        let mut conn = self.pool().acquire().await?;
+        sqlx::query("PRAGMA auto_vacuum = INCREMENTAL")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("VACUUM").execute(&mut *conn).await?;
+        drop(conn);
+        Ok((before, self.db_size().await?.1))
+    }
+}
+
+/// Waits nine times as long as a statement ran (at least 1 ms, at most 2 s): the writer,
+/// which parks for each statement, keeps at least nine tenths of its time.
+async fn pace(took: Duration) {
+    tokio::time::sleep((took * 9).clamp(Duration::from_millis(1), Duration::from_secs(2))).await;
+}
+
+/// Runs the policy every `interval` until `cancel` fires, counting what it does.
+pub async fn run(
+    store: Store,
+    policy: Policy,
+    interval: Duration,
+    counters: std::sync::Arc<crate::events::Counters>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pruned = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.prune(&policy, super::now_ms()) => r,
+        };
+        match pruned {
+            Ok(r) => {
+                counters.retention_runs.fetch_add(1, Relaxed);
+                counters
+                    .retention_readings_deleted
+                    .fetch_add(r.readings, Relaxed);
+                counters
+                    .retention_aggregates_deleted
+                    .fetch_add(r.aggregates, Relaxed);
+                counters.db_used_bytes.store(r.used_after, Relaxed);
+                if r.readings + r.aggregates > 0 {
+                    tracing::info!(
+                        readings = r.readings,
+                        aggregates = r.aggregates,
+                        kept_unsent = r.kept_unsent,
+                        pages_freed = r.pages_freed,
+                        used_bytes = r.used_after,
+                        "retention pruned"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "retention failed; retried at the next interval"),
+        }
+    }
+}
