@@ -67,6 +67,8 @@ pub struct AdminState {
     pub aggregate_windows: Vec<u64>,
     /// Most rows in one query response.
     pub max_points: u64,
+    /// Slots of queries streaming at once ([`crate::api::MAX_STREAMS`]).
+    pub query_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// What `GET /readyz` answers (200 when `ready`, 503 otherwise).

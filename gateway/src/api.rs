@@ -7,7 +7,9 @@
 //!
 //! A query runs on its own task that encodes rows into 64 KiB chunks and hands them to the
 //! response through a channel of four chunks: a slow client holds the query back instead of
-//! letting the result pile up, and a client that goes away ends the query. A response holds at
+//! letting the result pile up, and a client that goes away ends the query. A client that takes
+//! nothing for 30 s is dropped, and at most [`MAX_STREAMS`] queries stream at once (503 past
+//! that), so readers never hold every database connection. A response holds at
 //! most `limit` rows (default and ceiling `admin.max_points`); a database error after the first
 //! chunk aborts the response, so a client never mistakes a cut result for a whole one.
 
@@ -32,6 +34,11 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// Encoded bytes handed to the response at a time.
 const CHUNK: usize = 64 * 1024;
+/// A client that takes no chunk for this long is dropped: a stalled reader must not hold a
+/// database connection and its read snapshot (which holds WAL checkpoints back) for ever.
+const STALL: std::time::Duration = std::time::Duration::from_secs(30);
+/// Queries streaming at once (of the six database connections; the writer holds one).
+pub const MAX_STREAMS: usize = 3;
 
 /// Query parameters of `/api/v1/readings` and `/api/v1/aggregates`.
 #[derive(Debug, Default, Deserialize)]
@@ -107,7 +114,10 @@ fn validate(p: SeriesParams, max_points: u64, now: i64) -> Result<Series, String
         }
         (Some(s), None, None) => {
             let d = parse_duration("since", s)?;
-            (Some(now.saturating_sub(d as i64)), None)
+            (
+                Some(now.saturating_sub(i64::try_from(d).unwrap_or(i64::MAX))),
+                None,
+            )
         }
         (None, from, to) => (
             from.as_deref().map(|s| parse_time("from", s)).transpose()?,
@@ -159,6 +169,8 @@ fn series(
 struct Sink {
     enc: Encoder,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    /// Held while the query runs: one of [`MAX_STREAMS`].
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Sink {
@@ -170,12 +182,24 @@ impl Sink {
         true
     }
 
+    /// Whether the client is still there (checked between rows that produce no output, e.g.
+    /// while downsampling).
+    fn open(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     async fn flush(&mut self) -> bool {
         let chunk = Bytes::from(std::mem::replace(
             &mut self.enc.buf,
             Vec::with_capacity(CHUNK + 1024),
         ));
-        self.tx.send(Ok(chunk)).await.is_ok()
+        match tokio::time::timeout(STALL, self.tx.send(Ok(chunk))).await {
+            Ok(sent) => sent.is_ok(),
+            Err(_) => {
+                tracing::warn!("query client took nothing for 30 s; response dropped");
+                false
+            }
+        }
     }
 
     async fn finish(mut self) {
@@ -192,16 +216,24 @@ impl Sink {
     }
 }
 
-/// A streamed response whose rows `produce` writes into its sink.
-fn streamed<R: Row, F, Fut>(format: Format, produce: F) -> Response
+/// A streamed response whose rows `produce` writes into its sink; 503 when [`MAX_STREAMS`]
+/// queries already stream.
+fn streamed<R: Row, F, Fut>(state: &AdminState, format: Format, produce: F) -> Response
 where
     F: FnOnce(Sink) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let Ok(slot) = state.query_slots.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{MAX_STREAMS} queries are streaming already; try again when one ends"),
+        );
+    };
     let (tx, rx) = mpsc::channel(4);
     let sink = Sink {
         enc: Encoder::new::<R>(format),
         tx,
+        _slot: slot,
     };
     tokio::spawn(produce(sink));
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -238,10 +270,10 @@ pub async fn readings(
     };
     let store = state.store.clone();
     match s.step_ms {
-        None => streamed::<ReadingRow, _, _>(s.format, move |sink| {
+        None => streamed::<ReadingRow, _, _>(&state, s.format, move |sink| {
             raw_readings(store, filter, s.limit, sink)
         }),
-        Some(step) => streamed::<StatsRow, _, _>(s.format, move |sink| {
+        Some(step) => streamed::<StatsRow, _, _>(&state, s.format, move |sink| {
             downsampled_readings(store, filter, step, s.limit, sink)
         }),
     }
@@ -273,6 +305,9 @@ async fn downsampled_readings(
     let mut ds = Downsampler::new(step);
     let mut out = Vec::new();
     loop {
+        if !sink.open() {
+            return;
+        }
         let next = rows.try_next().await;
         match &next {
             Ok(Some(r)) => ds.push_reading(r, &mut out),
@@ -321,7 +356,7 @@ pub async fn aggregates(
         to_ms: s.to_ms,
     };
     let store = state.store.clone();
-    streamed::<StatsRow, _, _>(s.format, move |sink| {
+    streamed::<StatsRow, _, _>(&state, s.format, move |sink| {
         stored_aggregates(store, filter, s.step_ms, s.limit, sink)
     })
 }
@@ -337,6 +372,9 @@ async fn stored_aggregates(
     let mut ds = step.map(Downsampler::new);
     let mut out = Vec::new();
     loop {
+        if !sink.open() {
+            return;
+        }
         let next = rows.try_next().await;
         match (&next, &mut ds) {
             (Err(e), _) => return sink.fail(e).await,

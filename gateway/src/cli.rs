@@ -96,9 +96,8 @@ pub enum DbCommand {
     /// Apply the configuration's [retention] policy once (the running gateway also does it
     /// every retention.interval).
     Prune(ServeArgs),
-    /// Rewrite the database so free pages go back to the disk and later deletions can be given
-    /// back in steps (incremental vacuum). Run it with the gateway stopped; needs free disk as
-    /// large as the database.
+    /// Rewrite the database so its free pages go back to the disk. Run it with the gateway
+    /// stopped; needs free disk as large as the database.
     Vacuum {
         #[command(flatten)]
         db: DbArg,
@@ -194,11 +193,7 @@ pub async fn db(cmd: DbCommand) -> anyhow::Result<()> {
                 .await
                 .context("vacuum (is the gateway still running?)")?;
             store.close().await;
-            println!(
-                "{} -> {}; auto_vacuum is incremental from now on",
-                mib(before),
-                mib(after)
-            );
+            println!("{} -> {}", mib(before), mib(after));
         }
     }
     Ok(())

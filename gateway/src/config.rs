@@ -788,10 +788,16 @@ impl Config {
             });
         }
         let r = &self.retention;
-        if r.batch == 0 || r.interval < Duration::from_secs(1) {
+        if r.batch == 0 {
             return Err(ConfigError::Invalid {
                 field: "retention.batch",
-                reason: "batch at least 1 and interval at least 1s",
+                reason: "at least 1",
+            });
+        }
+        if r.interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                field: "retention.interval",
+                reason: "at least 1s",
             });
         }
         if r.max_db_size.is_some_and(|b| b.0 < 1 << 20) {
@@ -1050,6 +1056,7 @@ mod tests {
                 "retention.max_db_size",
             ),
             ("[retention]\nbatch = 0\n", "retention.batch"),
+            ("[retention]\ninterval = \"500ms\"\n", "retention.interval"),
             ("[service]\nid = \"gw#1\"\n", "service.id"),
             ("[aggregate]\nwindows = []\n", "aggregate.windows"),
             ("[aggregate]\nwindows = [\"500ms\"]\n", "aggregate.windows"),

@@ -325,6 +325,7 @@ impl Gateway {
                 w
             },
             max_points: cfg.admin.max_points,
+            query_slots: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
         tracker.spawn(store::checkpoint::run(

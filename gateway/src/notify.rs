@@ -103,6 +103,6 @@ pub fn writer_alive(
             .is_some();
         let beat = counters.writer_heartbeat_ms.load(Relaxed);
         let now = crate::store::now_ms().max(0) as u64;
-        failing || beat == 0 || now.saturating_sub(beat) <= limit.as_millis() as u64
+        failing || now.saturating_sub(beat) <= limit.as_millis() as u64
     }
 }

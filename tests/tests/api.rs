@@ -196,6 +196,18 @@ fn readings_and_aggregates_over_http_are_what_was_sent() -> anyhow::Result<()> {
 
     // Limits and errors: clear 400s, a cap on points, the token.
     assert_eq!(api.json("/api/v1/readings?limit=7")?.len(), 7);
+    // The limit counts output rows, also downsampled ones and windows.
+    let buckets = api.json(&format!("/api/v1/readings?device={d}&step=10s&limit=5"))?;
+    assert_eq!(buckets.len(), 5);
+    assert_eq!(buckets[4]["start_ms"].as_u64(), Some(BASE + 20_000));
+    assert_eq!(
+        api.json(&format!(
+            "/api/v1/aggregates?device={d}&window=10s&step=1m&limit=3"
+        ))?
+        .len(),
+        3
+    );
+    assert_eq!(api.json("/api/v1/aggregates?window=10s&limit=4")?.len(), 4);
     for (path, needle) in [
         ("/api/v1/readings?limit=1000001", "admin.max_points"),
         ("/api/v1/readings?format=xml", "json, ndjson or csv"),

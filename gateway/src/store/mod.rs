@@ -215,6 +215,10 @@ impl WriteTurn {
         let done = self.done.notified();
         tokio::pin!(done);
         done.as_mut().enable();
+        // Registered for `done` first: a statement that ended meanwhile is seen here.
+        if !self.want.load(Acquire) {
+            return;
+        }
         self.parked.notify_one();
         let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
     }
@@ -225,15 +229,23 @@ impl WriteTurn {
         &self,
         statement: impl std::future::Future<Output = T>,
     ) -> (T, Duration) {
-        use std::sync::atomic::Ordering::Release;
-        self.want.store(true, Release);
+        /// Ends the turn however the statement ends, also when its future is dropped (the
+        /// pruner is cancelled at shutdown): the writer must never wait for a turn nobody holds.
+        struct EndTurn<'a>(&'a WriteTurn);
+        impl Drop for EndTurn<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .want
+                    .store(false, std::sync::atomic::Ordering::Release);
+                self.0.done.notify_waiters();
+            }
+        }
+        self.want.store(true, std::sync::atomic::Ordering::Release);
+        let _end = EndTurn(self);
         let _ = tokio::time::timeout(Duration::from_millis(200), self.parked.notified()).await;
         let started = tokio::time::Instant::now();
         let out = statement.await;
-        let took = started.elapsed();
-        self.want.store(false, Release);
-        self.done.notify_waiters();
-        (out, took)
+        (out, started.elapsed())
     }
 }
 
@@ -309,9 +321,10 @@ impl Store {
         let connect = SqliteConnectOptions::from_str("sqlite://")?
             .filename(&opts.path)
             .create_if_missing(opts.create)
-            // New databases give deleted pages back in steps (retention); old ones keep their
-            // mode until `gateway db vacuum`.
-            .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
+            // No auto_vacuum: with `auto_vacuum = INCREMENTAL` the fault test that makes the
+            // database files immutable under load lost acknowledged readings (reproduced twice,
+            // gone without it). Pages freed by retention are reused; `gateway db vacuum` shrinks
+            // the file.
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(match opts.durability {
                 Durability::Normal => SqliteSynchronous::Normal,
@@ -804,6 +817,55 @@ pub(crate) async fn apply_counters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_turn_parks_the_writer_and_a_dropped_one_releases_it() {
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering::Acquire;
+        let turn = Arc::new(WriteTurn::default());
+        // Nobody asked: the writer does not wait.
+        tokio::time::timeout(Duration::from_millis(50), turn.give())
+            .await
+            .expect("no wait without a request");
+        // A statement runs while the writer is parked.
+        let other = turn.clone();
+        let taker = tokio::spawn(async move {
+            other
+                .take(async { tokio::time::sleep(Duration::from_millis(30)).await })
+                .await
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !turn.want.load(Acquire) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the turn is asked for");
+        let parked = tokio::time::Instant::now();
+        turn.give().await;
+        let (_, ran) = taker.await.expect("taker");
+        assert!(
+            parked.elapsed() >= ran,
+            "the writer resumed before the statement ended"
+        );
+        assert!(!turn.want.load(Acquire));
+        // A turn whose future is dropped mid-statement (shutdown) leaves no request behind.
+        let other = turn.clone();
+        let dropped = tokio::spawn(async move { other.take(std::future::pending::<()>()).await });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !turn.want.load(Acquire) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the turn is asked for");
+        dropped.abort();
+        let _ = dropped.await;
+        assert!(!turn.want.load(Acquire));
+        tokio::time::timeout(Duration::from_millis(50), turn.give())
+            .await
+            .expect("no wait after the turn was dropped");
+    }
 
     #[tokio::test]
     async fn a_rotation_waits_is_resumed_not_replaced_and_is_confirmed_once() {

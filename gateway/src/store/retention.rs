@@ -1,5 +1,6 @@
 //! Retention: deletes raw readings and aggregate windows past their age, and the oldest data
-//! when the database is past its size cap, then gives the freed pages back to the filesystem.
+//! when the database is past its size cap; freed pages are reused by later writes (the file
+//! stops growing), `gateway db vacuum` gives them back to the filesystem.
 //!
 //! Every delete is one statement over at most `batch` rows located through a primary key
 //! range (device first, then time), so it is a short write transaction. The writer parks
@@ -176,14 +177,18 @@ impl Store {
         let (mut readings, mut rows) = (0u64, 0u64);
         loop {
             let q = match cutoff {
+                // Rows a merge in progress has already copied into blocks are left to the
+                // merge (their copies are pruned as blocks), so nothing is counted twice.
                 Some(c) => sqlx::query_scalar(
-                    "DELETE FROM staging WHERE rowid IN \
-                     (SELECT rowid FROM staging WHERE ts_max < ? LIMIT ?) RETURNING count",
+                    "DELETE FROM staging WHERE rowid IN (SELECT s.rowid FROM staging s, \
+                     staging_merge m WHERE s.ts_max < ? \
+                     AND NOT (s.rowid <= m.hi AND s.device < m.upto) LIMIT ?) RETURNING count",
                 )
                 .bind(c),
                 None => sqlx::query_scalar(
-                    "DELETE FROM staging WHERE rowid IN \
-                     (SELECT rowid FROM staging ORDER BY rowid LIMIT ?) RETURNING count",
+                    "DELETE FROM staging WHERE rowid IN (SELECT s.rowid FROM staging s, \
+                     staging_merge m WHERE NOT (s.rowid <= m.hi AND s.device < m.upto) \
+                     ORDER BY s.rowid LIMIT ?) RETURNING count",
                 ),
             };
             let (counts, took) = self
@@ -278,8 +283,9 @@ impl Store {
         Ok((deleted, kept))
     }
 
-    /// Gives free pages back to the filesystem, a few megabytes per statement. Needs
-    /// `auto_vacuum = INCREMENTAL` (new databases; `gateway db vacuum` converts old ones).
+    /// Gives free pages back to the filesystem, a few megabytes per statement, in a database
+    /// whose `auto_vacuum` is INCREMENTAL (the gateway does not create those: see `open`);
+    /// elsewhere it does nothing and freed pages are reused.
     pub async fn incremental_vacuum(&self) -> Result<u64, StoreError> {
         let mut freed = 0u64;
         loop {
@@ -345,7 +351,8 @@ impl Store {
             }
         }
         if let Some(cap) = policy.max_bytes {
-            self.enforce_cap(&devices, cap, policy, &mut r).await?;
+            self.enforce_cap(&devices, now_ms, cap, policy, &mut r)
+                .await?;
         }
         r.pages_freed += self.incremental_vacuum().await?;
         r.used_after = self.db_size().await?.0;
@@ -357,6 +364,7 @@ impl Store {
     async fn enforce_cap(
         &self,
         devices: &[i64],
+        now_ms: i64,
         cap: u64,
         policy: &Policy,
         r: &mut PruneReport,
@@ -365,7 +373,6 @@ impl Store {
             return Ok(());
         }
         let target = cap / 10 * 9;
-        let mut blocks_left = true;
         let deadline = policy.cap_budget.map(|b| tokio::time::Instant::now() + b);
         while self.db_size().await?.0 > target {
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -379,21 +386,24 @@ impl Store {
                 );
                 return Ok(());
             }
-            // The oldest reading of any device, then a step of a twentieth of what is stored
-            // (at least one block span) past it.
-            let mut oldest: Option<(i64, i64)> = None;
-            for &d in devices.iter().filter(|_| blocks_left) {
-                let range: (Option<i64>, Option<i64>) =
-                    sqlx::query_as("SELECT min(ts_min), max(ts_max) FROM blocks WHERE device = ?")
+            // The oldest reading of any device (an index seek each), then a step of a twentieth
+            // of the time up to now (at least one block span) past it. Measured against the
+            // gateway's clock, not the newest reading: a device whose clock runs years ahead
+            // must not make one step swallow everything.
+            let mut oldest: Option<i64> = None;
+            for &d in devices {
+                let lo: Option<i64> =
+                    sqlx::query_scalar("SELECT min(ts_min) FROM blocks WHERE device = ?")
                         .bind(d)
                         .fetch_one(self.pool())
                         .await?;
-                if let (Some(lo), Some(hi)) = range {
-                    oldest = Some(oldest.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+                if let Some(lo) = lo {
+                    oldest = Some(oldest.map_or(lo, |o| o.min(lo)));
                 }
             }
-            if let Some((lo, hi)) = oldest {
-                let cutoff = lo + ((hi - lo) / 20).max(BLOCK_SPAN_MS) + BLOCK_SPAN_MS;
+            if let Some(lo) = oldest {
+                let step = (now_ms.saturating_sub(lo) / 20).max(BLOCK_SPAN_MS);
+                let cutoff = lo.saturating_add(step).saturating_add(BLOCK_SPAN_MS);
                 let (n, b) = self
                     .prune_blocks_before(devices, cutoff, policy.batch)
                     .await?;
@@ -403,7 +413,6 @@ impl Store {
                     continue;
                 }
             }
-            blocks_left = false;
             // Under heavy load most readings may still be staged (not merged into blocks yet):
             // the oldest staged rows next.
             let (n, b) = self.prune_staging(None, policy.batch).await?;
@@ -455,7 +464,8 @@ impl Store {
         let (readings, lo, hi): (Option<i64>, Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT sum(c), min(lo), max(hi) FROM (\
              SELECT sum(count) AS c, min(ts_min) AS lo, max(ts_max) AS hi FROM blocks UNION ALL \
-             SELECT sum(count), min(ts_min), max(ts_max) FROM staging)",
+             SELECT sum(count), min(ts_min), max(ts_max) FROM staging s, staging_merge m \
+             WHERE NOT (s.rowid <= m.hi AND s.device < m.upto))",
         )
         .fetch_one(self.pool())
         .await?;
@@ -489,20 +499,15 @@ impl Store {
         })
     }
 
-    /// Rewrites the whole database with `auto_vacuum = INCREMENTAL` (so later deletions can
-    /// be given back without this), returning (bytes before, bytes after). Needs as much free
-    /// disk as the database and an exclusive lock: run it with the gateway stopped.
+    /// Rewrites the whole database, giving its free pages back to the filesystem; returns
+    /// (bytes before, bytes after). Needs as much free disk as the database and an exclusive
+    /// lock: run it with the gateway stopped.
     ///
     /// # Errors
     /// Database errors, among them a busy database.
     pub async fn vacuum_full(&self) -> Result<(u64, u64), StoreError> {
         let before = self.db_size().await?.1;
-        let mut conn = self.pool().acquire().await?;
-        sqlx::query("PRAGMA auto_vacuum = INCREMENTAL")
-            .execute(&mut *conn)
-            .await?;
-        sqlx::query("VACUUM").execute(&mut *conn).await?;
-        drop(conn);
+        sqlx::query("VACUUM").execute(self.pool()).await?;
         Ok((before, self.db_size().await?.1))
     }
 }

@@ -355,6 +355,7 @@ impl Writer {
     /// are logged, counted and retried; they never end the writer, but when it is stopping
     /// with a database that stays unwritable it gives up on what is left (none of it acked).
     pub async fn run(mut self) {
+        self.heartbeat();
         let mut tick = tokio::time::interval(self.cfg.stats_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
