@@ -827,11 +827,16 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), turn.give())
             .await
             .expect("no wait without a request");
-        // A statement runs while the writer is parked.
-        let other = turn.clone();
+        // A statement runs while the writer is parked: the writer resumes only once it ended.
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (other, flag) = (turn.clone(), ended.clone());
         let taker = tokio::spawn(async move {
             other
-                .take(async { tokio::time::sleep(Duration::from_millis(30)).await })
+                .take(async move {
+                    let _ = released.await;
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                })
                 .await
         });
         tokio::time::timeout(Duration::from_secs(5), async {
@@ -841,11 +846,19 @@ mod tests {
         })
         .await
         .expect("the turn is asked for");
-        let parked = tokio::time::Instant::now();
-        turn.give().await;
-        let (_, ran) = taker.await.expect("taker");
+        let (writer, flag) = (turn.clone(), ended.clone());
+        let giver = tokio::spawn(async move {
+            writer.give().await;
+            flag.load(Acquire)
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!giver.is_finished(), "the writer did not park");
+        let _ = release.send(());
+        taker.await.expect("taker");
         assert!(
-            parked.elapsed() >= ran,
+            giver.await.expect("giver"),
             "the writer resumed before the statement ended"
         );
         assert!(!turn.want.load(Acquire));
