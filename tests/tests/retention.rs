@@ -157,8 +157,23 @@ fn a_long_run_stays_under_the_cap_and_keeps_unsent_windows() -> anyhow::Result<(
     .with_context(|| format!("{closed} windows closed"))?;
     assert_eq!(counter(&s, "outbox_dropped"), 0);
 
-    let readings_deleted = metric(&text, "gateway_retention_readings_deleted_total");
+    // Every reading ages out (kept 15 s): the counter must reach exactly what was sent, never
+    // pass it, and nothing may be left behind.
+    let deleted = || -> anyhow::Result<u64> {
+        let (_, text) = admin_get(gw.admin, &token, "/metrics")?;
+        let n = metric(&text, "gateway_retention_readings_deleted_total");
+        assert!(
+            n <= r.readings_sent,
+            "{n} readings counted as deleted, {} sent: one was counted twice",
+            r.readings_sent
+        );
+        Ok(n)
+    };
+    let aged_out = wait_until(Duration::from_secs(60), "every reading aged out", || {
+        Ok(deleted()? == r.readings_sent)
+    });
     let stored = e2e::query_all(&db)?.len() as u64;
+    let readings_deleted = deleted()?;
     eprintln!(
         "RESULT retention: {} readings sent and acked, {readings_deleted} deleted by retention, \
          {stored} left; largest database file {:.2} MiB (cap {:.0} MiB); {closed} windows all \
@@ -167,15 +182,15 @@ fn a_long_run_stays_under_the_cap_and_keeps_unsent_windows() -> anyhow::Result<(
         largest as f64 / 1048576.0,
         CAP as f64 / 1048576.0
     );
-    assert!(
-        readings_deleted > r.readings_sent / 2,
-        "retention barely ran"
-    );
-    assert_eq!(
-        stored + readings_deleted,
-        r.readings_sent,
-        "a reading was lost or kept twice"
-    );
+    if aged_out.is_err() {
+        let out = std::process::Command::new(e2e::bin("gateway"))
+            .args(["db", "status", "--db"])
+            .arg(&db)
+            .output()?;
+        eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    aged_out?;
+    assert_eq!(stored, 0, "readings past their retention were left");
     assert!(
         largest <= CAP + (1 << 20),
         "database file reached {largest} bytes, cap {CAP}"

@@ -201,11 +201,19 @@ pub struct Store {
 #[derive(Debug, Default)]
 pub(crate) struct WriteTurn {
     want: std::sync::atomic::AtomicBool,
+    /// Whether the writer is at work (between taking a batch and parking); while it waits
+    /// for work, or when there is no writer (the CLI), it holds no lock and a turn is free.
+    busy: std::sync::atomic::AtomicBool,
     parked: tokio::sync::Notify,
     done: tokio::sync::Notify,
 }
 
 impl WriteTurn {
+    /// Writer side: marks the writer at work (`true`) or waiting for work (`false`).
+    pub(crate) fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, std::sync::atomic::Ordering::Release);
+    }
+
     /// Writer side: parks while another task's statement runs (at most 500 ms), if one asked.
     pub(crate) async fn give(&self) {
         use std::sync::atomic::Ordering::Acquire;
@@ -223,8 +231,9 @@ impl WriteTurn {
         let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
     }
 
-    /// Other side: runs `statement` while the writer is parked (or after 200 ms without an
-    /// answer: an idle writer holds no lock). Returns its output and how long it ran.
+    /// Other side: runs `statement` while the writer is parked, or at once when the writer is
+    /// waiting for work (or absent), or after 200 ms without an answer. Returns its output and
+    /// how long it ran.
     pub(crate) async fn take<T>(
         &self,
         statement: impl std::future::Future<Output = T>,
@@ -242,7 +251,13 @@ impl WriteTurn {
         }
         self.want.store(true, std::sync::atomic::Ordering::Release);
         let _end = EndTurn(self);
-        let _ = tokio::time::timeout(Duration::from_millis(200), self.parked.notified()).await;
+        let parked = self.parked.notified();
+        tokio::pin!(parked);
+        parked.as_mut().enable();
+        // Registered first: a writer that parks after this check is seen.
+        if self.busy.load(std::sync::atomic::Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_millis(200), parked).await;
+        }
         let started = tokio::time::Instant::now();
         let out = statement.await;
         (out, started.elapsed())
@@ -827,6 +842,11 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), turn.give())
             .await
             .expect("no wait without a request");
+        // A writer waiting for work (or none at all): the statement runs at once.
+        let (_, _) = tokio::time::timeout(Duration::from_millis(100), turn.take(async {}))
+            .await
+            .expect("no wait for an idle writer");
+        turn.set_busy(true);
         // A statement runs while the writer is parked: the writer resumes only once it ended.
         let (release, released) = tokio::sync::oneshot::channel::<()>();
         let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));

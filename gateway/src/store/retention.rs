@@ -31,6 +31,9 @@ pub struct Policy {
     /// Longest a run works towards the size cap before it reports and lets the next run go on
     /// (None: until done).
     pub cap_budget: Option<Duration>,
+    /// Where each delete statement counts what it deleted, as soon as it commits (a run cut
+    /// short by an error or a shutdown still counts what it did).
+    pub counters: Option<std::sync::Arc<crate::events::Counters>>,
 }
 
 impl Policy {
@@ -49,6 +52,17 @@ impl Policy {
             max_bytes: r.max_db_size.map(|b| b.0),
             batch: r.batch.max(1),
             cap_budget: Some(r.interval.max(Duration::from_secs(5))),
+            counters: None,
+        }
+    }
+
+    /// Counts one committed delete statement.
+    fn deleted(&self, readings: u64, aggregates: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(c) = &self.counters {
+            c.retention_readings_deleted.fetch_add(readings, Relaxed);
+            c.retention_aggregates_deleted
+                .fetch_add(aggregates, Relaxed);
         }
     }
 }
@@ -119,8 +133,9 @@ impl Store {
         &self,
         devices: &[i64],
         cutoff: i64,
-        batch: u32,
+        policy: &Policy,
     ) -> Result<(u64, u64), StoreError> {
+        let batch = policy.batch;
         let (mut readings, mut blocks) = (0u64, 0u64);
         for &device in devices {
             loop {
@@ -154,8 +169,10 @@ impl Store {
                     )
                     .await;
                 let counts: Vec<i64> = counts?;
+                let n = counts.iter().map(|c| *c as u64).sum::<u64>();
+                policy.deleted(n, 0);
                 blocks += counts.len() as u64;
-                readings += counts.iter().map(|c| *c as u64).sum::<u64>();
+                readings += n;
                 let full = counts.len() as u32 == batch;
                 pace(took).await;
                 if !full {
@@ -172,8 +189,9 @@ impl Store {
     async fn prune_staging(
         &self,
         cutoff: Option<i64>,
-        batch: u32,
+        policy: &Policy,
     ) -> Result<(u64, u64), StoreError> {
+        let batch = policy.batch;
         let (mut readings, mut rows) = (0u64, 0u64);
         loop {
             let q = match cutoff {
@@ -196,8 +214,10 @@ impl Store {
                 .take(q.bind(i64::from(batch)).fetch_all(self.pool()))
                 .await;
             let counts: Vec<i64> = counts?;
+            let n = counts.iter().map(|c| *c as u64).sum::<u64>();
+            policy.deleted(n, 0);
             rows += counts.len() as u64;
-            readings += counts.iter().map(|c| *c as u64).sum::<u64>();
+            readings += n;
             let full = counts.len() as u32 == batch;
             pace(took).await;
             if !full || cutoff.is_none() {
@@ -223,8 +243,9 @@ impl Store {
         devices: &[i64],
         window_ms: i64,
         cutoff: i64,
-        batch: u32,
+        policy: &Policy,
     ) -> Result<(u64, u64), StoreError> {
+        let batch = policy.batch;
         let guard = self.oldest_unsent_ms().await?.unwrap_or(i64::MAX);
         let (mut deleted, mut kept) = (0u64, 0u64);
         for &device in devices {
@@ -260,6 +281,7 @@ impl Store {
                     )
                     .await;
                 let n = n?.rows_affected();
+                policy.deleted(0, n);
                 deleted += n;
                 pace(took).await;
                 if n < u64::from(batch) {
@@ -320,31 +342,22 @@ impl Store {
     /// Database errors (what was deleted before stays deleted).
     pub async fn prune(&self, policy: &Policy, now_ms: i64) -> Result<PruneReport, StoreError> {
         let mut r = PruneReport::default();
-        let devices: Vec<i64> = self
-            .device_ids()
-            .await?
-            .into_iter()
-            .map(|d| i64::from(d.0))
-            .collect();
+        // Every device, revoked ones included: their readings age like any other.
+        let devices: Vec<i64> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
+            .fetch_all(self.pool())
+            .await?;
         r.used_before = self.db_size().await?.0;
         if let Some(keep) = policy.readings_ms {
             let cutoff = now_ms.saturating_sub(keep);
-            let (n, b) = self
-                .prune_blocks_before(&devices, cutoff, policy.batch)
-                .await?;
-            let (sn, sb) = self.prune_staging(Some(cutoff), policy.batch).await?;
+            let (n, b) = self.prune_blocks_before(&devices, cutoff, policy).await?;
+            let (sn, sb) = self.prune_staging(Some(cutoff), policy).await?;
             r.readings += n + sn;
             r.blocks += b + sb;
         }
         for &(window, keep) in &policy.aggregates_ms {
             if let Some(keep) = keep {
                 let (n, k) = self
-                    .prune_windows_before(
-                        &devices,
-                        window,
-                        now_ms.saturating_sub(keep),
-                        policy.batch,
-                    )
+                    .prune_windows_before(&devices, window, now_ms.saturating_sub(keep), policy)
                     .await?;
                 r.aggregates += n;
                 r.kept_unsent += k;
@@ -404,9 +417,7 @@ impl Store {
             if let Some(lo) = oldest {
                 let step = (now_ms.saturating_sub(lo) / 20).max(BLOCK_SPAN_MS);
                 let cutoff = lo.saturating_add(step).saturating_add(BLOCK_SPAN_MS);
-                let (n, b) = self
-                    .prune_blocks_before(devices, cutoff, policy.batch)
-                    .await?;
+                let (n, b) = self.prune_blocks_before(devices, cutoff, policy).await?;
                 r.readings += n;
                 r.blocks += b;
                 if b > 0 {
@@ -415,7 +426,7 @@ impl Store {
             }
             // Under heavy load most readings may still be staged (not merged into blocks yet):
             // the oldest staged rows next.
-            let (n, b) = self.prune_staging(None, policy.batch).await?;
+            let (n, b) = self.prune_staging(None, policy).await?;
             r.readings += n;
             r.blocks += b;
             if b > 0 {
@@ -432,7 +443,7 @@ impl Store {
                 if let Some(lo) = lo {
                     let cutoff = lo + window.max(1) * 100;
                     let (n, k) = self
-                        .prune_windows_before(devices, window, cutoff, policy.batch)
+                        .prune_windows_before(devices, window, cutoff, policy)
                         .await?;
                     r.aggregates += n;
                     r.kept_unsent = r.kept_unsent.max(k);
@@ -521,12 +532,14 @@ async fn pace(took: Duration) {
 /// Runs the policy every `interval` until `cancel` fires, counting what it does.
 pub async fn run(
     store: Store,
-    policy: Policy,
+    mut policy: Policy,
     interval: Duration,
     counters: std::sync::Arc<crate::events::Counters>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    // Deletions are counted per statement, so a run cut short still counts what it did.
+    policy.counters = Some(counters.clone());
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -541,12 +554,6 @@ pub async fn run(
         match pruned {
             Ok(r) => {
                 counters.retention_runs.fetch_add(1, Relaxed);
-                counters
-                    .retention_readings_deleted
-                    .fetch_add(r.readings, Relaxed);
-                counters
-                    .retention_aggregates_deleted
-                    .fetch_add(r.aggregates, Relaxed);
                 counters.db_used_bytes.store(r.used_after, Relaxed);
                 if r.readings + r.aggregates > 0 {
                     tracing::info!(
@@ -561,5 +568,134 @@ pub async fn run(
             }
             Err(error) => tracing::warn!(%error, "retention failed; retried at the next interval"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::OpenOptions;
+    use crate::store::block;
+    use proto::{Millis, Reading, SensorId};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    /// Stages one datagram of `n` readings, all at `ts`.
+    async fn stage(s: &Store, device: u32, seq: u64, ts: u64, n: u16) {
+        let rs: Vec<Reading> = (0..n)
+            .map(|i| Reading {
+                sensor: SensorId(i),
+                ts: Millis(ts),
+                value: f64::from(i),
+            })
+            .collect();
+        let (mut buf, mut rows) = (Vec::new(), Vec::new());
+        block::encode(device, seq, &rs, &mut buf, &mut rows);
+        for b in rows {
+            sqlx::query(
+                "INSERT INTO staging (device, ts_min, seq, idx, ts_max, count, data) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(b.device)
+            .bind(b.ts_min)
+            .bind(b.seq)
+            .bind(b.idx)
+            .bind(b.ts_max)
+            .bind(b.count)
+            .bind(&buf[b.data])
+            .execute(s.pool())
+            .await
+            .expect("stage");
+        }
+    }
+
+    /// Stages ten datagrams of three readings per device (0-5), a second apart from `t0`.
+    async fn stage_round(s: &Store, seq: &mut u64, t0: u64) -> u64 {
+        for d in 0..6u32 {
+            for k in 0..10u64 {
+                *seq += 1;
+                stage(s, d, *seq, t0 + k * 1_000, 3).await;
+            }
+        }
+        6 * 10 * 3
+    }
+
+    /// Readings a query would see (blocks, and staged rows no merge has copied yet).
+    async fn visible(s: &Store, path: &std::path::Path) -> u64 {
+        s.db_status(path).await.expect("status").readings as u64
+    }
+
+    /// Interleaves the writer's merge steps with prunes at a moving cutoff: every reading is
+    /// either still visible or counted as deleted, once, whatever step the merge is at.
+    #[tokio::test]
+    async fn every_deletion_is_counted_once_while_a_merge_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("r.db");
+        let s = Store::open(&OpenOptions::cli(&path, true))
+            .await
+            .expect("open");
+        for d in 0..6i64 {
+            sqlx::query(
+                "INSERT INTO devices (id, name, key, created_ms, revoked_ms) VALUES (?, ?, ?, 0, ?)",
+            )
+            .bind(d)
+            .bind(format!("d{d}"))
+            .bind(vec![0u8; 32])
+            .bind(if d == 5 { Some(1i64) } else { None })
+            .execute(s.pool())
+            .await
+            .expect("device");
+        }
+        let counters = Arc::new(crate::events::Counters::default());
+        let policy = Policy {
+            readings_ms: Some(10_000),
+            batch: 7,
+            counters: Some(counters.clone()),
+            ..Policy::default()
+        };
+        let mut sent = 0u64;
+        let mut seq = 0u64;
+        sent += stage_round(&s, &mut seq, 0).await;
+        let mut now = 5_000i64;
+        let check = async |s: &Store, now: i64| {
+            let r = s.prune(&policy, now).await.expect("prune");
+            let counted = counters.retention_readings_deleted.load(Relaxed);
+            (r, counted)
+        };
+        let mut conn = s.pool().acquire().await.expect("conn");
+        let (_, hi) = block::staged(&mut conn).await.expect("staged");
+        // A merge cycle, a prune between every step, with new rows staged mid-cycle.
+        let bounds = [i64::MIN, 2, 4, i64::MAX];
+        for w in bounds.windows(2) {
+            block::copy_step(&mut conn, hi, w[0], w[1])
+                .await
+                .expect("copy");
+            now += 2_500;
+            let (_, counted) = check(&s, now).await;
+            assert_eq!(counted + visible(&s, &path).await, sent, "after copy {w:?}");
+        }
+        sent += stage_round(&s, &mut seq, 10_000).await;
+        loop {
+            let (_, finished) = block::delete_step(&mut conn, hi, 11).await.expect("delete");
+            now += 1_000;
+            let (_, counted) = check(&s, now).await;
+            assert_eq!(counted + visible(&s, &path).await, sent, "during deletes");
+            if finished {
+                break;
+            }
+        }
+        drop(conn);
+        sent += stage_round(&s, &mut seq, 20_000).await;
+        s.merge_staging().await.expect("merge");
+        let (r, counted) = check(&s, 100_000).await;
+        assert!(r.readings > 0);
+        assert_eq!(visible(&s, &path).await, 0, "everything aged out");
+        assert_eq!(counted, sent, "every reading counted once");
+        // The revoked device's readings aged out too.
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM blocks WHERE device = 5")
+            .fetch_one(s.pool())
+            .await
+            .expect("count");
+        assert_eq!(left, 0);
     }
 }

@@ -359,6 +359,8 @@ impl Writer {
         let mut tick = tokio::time::interval(self.cfg.stats_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // Waiting for work holds no lock: a retention statement need not wait for a turn.
+            self.store.turn().set_busy(false);
             let first = tokio::select! {
                 biased;
                 item = self.rx.recv() => match item {
@@ -366,6 +368,7 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {
+                    self.store.turn().set_busy(true);
                     self.commit(Vec::new(), true, true).await;
                     // Idle: carry the merge on while nothing is queued.
                     self.merge_some(true).await;
@@ -374,6 +377,7 @@ impl Writer {
                     continue;
                 }
             };
+            self.store.turn().set_busy(true);
             let mut readings = first.readings();
             let mut batch = vec![first];
             // Group commit: gather what arrives within `commit_delay` of the first item, so a
