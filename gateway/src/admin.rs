@@ -234,11 +234,7 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         .unwrap_or_else(|e| e.into_inner())
         .clone();
     let outbox_rows = state.store.outbox().rows.load(Relaxed).max(0) as u64;
-    let broker = match state.outbox_high_water {
-        None => "disabled",
-        Some(_) if state.counters.mqtt_connected.load(Relaxed) == 1 => "connected",
-        Some(_) => "disconnected",
-    };
+    let broker = broker_state(&state);
     let below = state.outbox_high_water.is_none_or(|hw| outbox_rows < hw);
     let r = Readiness {
         ready: failing.is_none() && below,
@@ -253,6 +249,51 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(r)).into_response()
+}
+
+/// What `GET /api/v1/stats` answers: the counters of `/metrics` as one JSON object, for the
+/// dashboard and scripts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsView {
+    /// Gateway clock, ms since the epoch.
+    pub now_ms: i64,
+    /// Version of the gateway.
+    pub version: String,
+    /// `connected`, `disconnected` or `disabled`.
+    pub broker: String,
+    /// Configured aggregate window lengths, ms, shortest first.
+    pub aggregate_windows_ms: Vec<u64>,
+    /// Every counter and gauge by name (`readings_committed`, `drop_bad_tag`, `outbox_rows`...);
+    /// durations in the unit their name ends with.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+async fn stats(State(state): State<Arc<AdminState>>) -> Response {
+    let mut counters: std::collections::BTreeMap<String, u64> = state
+        .counters
+        .snapshot()
+        .into_iter()
+        .map(|(name, value, _)| (name.to_owned(), value))
+        .collect();
+    for (name, _, value, _) in control_series(&state) {
+        counters.insert(name.to_owned(), value);
+    }
+    Json(StatsView {
+        now_ms: crate::store::now_ms(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        broker: broker_state(&state).into(),
+        aggregate_windows_ms: state.aggregate_windows.clone(),
+        counters,
+    })
+    .into_response()
+}
+
+fn broker_state(state: &AdminState) -> &'static str {
+    match state.outbox_high_water {
+        None => "disabled",
+        Some(_) if state.counters.mqtt_connected.load(Relaxed) == 1 => "connected",
+        Some(_) => "disconnected",
+    }
 }
 
 /// `ok`, or 503 with the reason while the database cannot be written (disk full, read-only,
@@ -647,31 +688,10 @@ async fn list_commands(
     }
 }
 
-async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
-    let mut out = String::new();
-    // Prometheus names spell units out: the counters' `_us` and `_ms` become `_seconds`.
-    let mut push = |name: &str, help: &str, value: u64, gauge: bool| {
-        let (base, value) = if let Some(b) = name.strip_suffix("_us") {
-            (format!("{b}_seconds"), value as f64 / 1e6)
-        } else if let Some(b) = name.strip_suffix("_ms") {
-            (format!("{b}_seconds"), value as f64 / 1e3)
-        } else {
-            (name.to_owned(), value as f64)
-        };
-        let (metric, kind) = if gauge {
-            (format!("gateway_{base}"), "gauge")
-        } else {
-            (format!("gateway_{base}_total"), "counter")
-        };
-        out.push_str(&format!(
-            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n"
-        ));
-    };
-    for (name, value, gauge) in state.counters.snapshot() {
-        push(name, crate::events::help(name), value, gauge);
-    }
+/// The control listener's series: (name, help, value, gauge).
+fn control_series(state: &AdminState) -> Vec<(&'static str, &'static str, u64, bool)> {
     let c = &state.control;
-    for (name, help, v) in [
+    let mut out: Vec<(&'static str, &'static str, u64, bool)> = [
         (
             "control_sessions_authenticated",
             "Control sessions that authenticated.",
@@ -707,20 +727,50 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             "Accepted control connections that have ended.",
             &c.connections_closed,
         ),
-    ] {
-        push(name, help, v.load(Relaxed), false);
-    }
+    ]
+    .into_iter()
+    .map(|(name, help, v)| (name, help, v.load(Relaxed), false))
+    .collect();
     let online = state
         .sessions
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .len();
-    push(
+    out.push((
         "control_sessions_online",
         "Control sessions live now.",
         online as u64,
         true,
-    );
+    ));
+    out
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let mut out = String::new();
+    // Prometheus names spell units out: the counters' `_us` and `_ms` become `_seconds`.
+    let mut push = |name: &str, help: &str, value: u64, gauge: bool| {
+        let (base, value) = if let Some(b) = name.strip_suffix("_us") {
+            (format!("{b}_seconds"), value as f64 / 1e6)
+        } else if let Some(b) = name.strip_suffix("_ms") {
+            (format!("{b}_seconds"), value as f64 / 1e3)
+        } else {
+            (name.to_owned(), value as f64)
+        };
+        let (metric, kind) = if gauge {
+            (format!("gateway_{base}"), "gauge")
+        } else {
+            (format!("gateway_{base}_total"), "counter")
+        };
+        out.push_str(&format!(
+            "# HELP {metric} {help}\n# TYPE {metric} {kind}\n{metric} {value}\n"
+        ));
+    };
+    for (name, value, gauge) in state.counters.snapshot() {
+        push(name, crate::events::help(name), value, gauge);
+    }
+    for (name, help, value, gauge) in control_series(&state) {
+        push(name, help, value, gauge);
+    }
     state.counters.commit_latency.render(
         crate::events::LATENCY_BOUNDS,
         "gateway_commit_latency_seconds",
@@ -741,6 +791,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
     let api = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/v1/devices", get(devices))
+        .route("/api/v1/stats", get(stats))
         .route("/api/v1/commands", post(send_command).get(list_commands))
         .route(
             "/api/v1/devices/{id}/config",
@@ -760,6 +811,9 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/openapi.json", get(crate::api::openapi))
+        .route("/", get(crate::dashboard::root))
+        .route("/dashboard/", get(crate::dashboard::index))
+        .route("/dashboard/{file}", get(crate::dashboard::file))
         .merge(api)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -72,6 +72,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         db.display()
     );
     let token = crate::config::token_file(&db);
+    // The token rides in the fragment, which the browser keeps to itself; the page moves it
+    // into the tab's session storage and out of the address bar.
+    match std::fs::read_to_string(&token) {
+        Ok(t) => println!(
+            "dashboard: open http://{}/dashboard/#token={}",
+            gateway.admin_addr,
+            t.trim()
+        ),
+        Err(e) => println!(
+            "dashboard on http://{}/dashboard/ (token file {}: {e})",
+            gateway.admin_addr,
+            token.display()
+        ),
+    }
     println!(
         "HTTP API on http://{} (token in {}), e.g.\n  curl -H \"Authorization: Bearer $(cat {})\" 'http://{}/api/v1/readings?device=1&since=1m&format=csv'",
         gateway.admin_addr,

@@ -196,7 +196,9 @@ pub fn help(name: &str) -> &'static str {
         RETENTION_RUNS => "Retention enforcements completed.",
         RETENTION_READINGS_DELETED => "Raw readings deleted by retention.",
         RETENTION_AGGREGATES_DELETED => "Aggregate windows deleted by retention.",
-        DB_USED_BYTES => "Bytes of database pages in use after the last retention run.",
+        DB_USED_BYTES => {
+            "Bytes of database pages in use (free pages excluded), updated every stats interval."
+        }
         "drop_too_short" => "Datagrams dropped: shorter than a header and tag.",
         "drop_too_long" => "Datagrams dropped: longer than the protocol allows.",
         "drop_bad_version" => "Datagrams dropped: unknown protocol version.",

@@ -31,6 +31,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod demo;
 pub mod events;
 pub mod ingest;

@@ -13,6 +13,7 @@ use std::time::Duration;
 pub mod flood;
 pub mod impair;
 pub mod mqtt;
+pub mod webdriver;
 
 use anyhow::{Context, bail};
 use proto::{Ack, Batch, DeviceId, DeviceKey, Flags, Header, Millis, Reading, SensorId, Seq};
@@ -33,6 +34,18 @@ fn profile_dir() -> PathBuf {
         dir.pop();
     }
     dir
+}
+
+/// Where a test leaves a file for people to look at (`target/test-artifacts/NAME`).
+///
+/// # Errors
+/// When the directory cannot be created.
+pub fn artifact(name: &str) -> anyhow::Result<PathBuf> {
+    let mut dir = profile_dir();
+    dir.pop();
+    dir.push("test-artifacts");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
 }
 
 /// Path of a workspace binary, built once per test process with the same profile.
@@ -614,19 +627,57 @@ pub fn http(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String, String)> {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    http_request(addr, method, path, &auth, b"")
+}
+
+/// One HTTP/1.1 request on a fresh connection with extra header lines (each ending in CRLF)
+/// and a body: (status, headers, body), the body de-chunked.
+///
+/// # Errors
+/// Connection errors or a malformed answer.
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> anyhow::Result<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\
-             Connection: close\r\n\r\n"
-        )
-        .as_bytes(),
-    )?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req)?;
+    // To the end of the stream, or of the Content-Length (some servers keep the connection
+    // open after `Connection: close`).
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    let mut chunk = [0u8; 64 * 1024];
+    let mut want: Option<usize> = None;
+    loop {
+        if want.is_none()
+            && let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n")
+        {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            want = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                .map(|len: usize| split + 4 + len);
+        }
+        if want.is_some_and(|w| raw.len() >= w) {
+            break;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

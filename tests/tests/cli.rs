@@ -268,6 +268,12 @@ fn demo_runs_and_stores_readings() -> anyhow::Result<()> {
         first.contains("gateway query readings --db gateway.db"),
         "{first}"
     );
+    // The dashboard link carries the API token (in the fragment, which browsers keep).
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
+    assert!(
+        first.contains(&format!("/dashboard/#token={}", token.trim())),
+        "{first}"
+    );
     let db = dir.path().join("gateway.db");
     let after_first = query_all(&db)?.len();
     assert!(

@@ -958,6 +958,15 @@ impl Writer {
             let age = oldest.map_or(0, |(t,)| now_ms().saturating_sub(t).max(0));
             c.outbox_oldest_age_ms.store(age as u64, Relaxed);
         }
+        // Pages in use (a read of the header; retention updates it too after each run).
+        let used: Result<(i64,), _> = sqlx::query_as(
+            "SELECT ((SELECT page_count FROM pragma_page_count) -              (SELECT freelist_count FROM pragma_freelist_count)) *              (SELECT page_size FROM pragma_page_size)",
+        )
+        .fetch_one(&mut *self.conn)
+        .await;
+        if let Ok((used,)) = used {
+            c.db_used_bytes.store(used.max(0) as u64, Relaxed);
+        }
         let published = c.mqtt_published.load(Relaxed);
         let secs = self.last_flush.elapsed().as_secs_f64();
         if secs > 0.0 {
