@@ -278,6 +278,12 @@ async fn stats(State(state): State<Arc<AdminState>>) -> Response {
     for (name, _, value, _) in control_series(&state) {
         counters.insert(name.to_owned(), value);
     }
+    if let Ok(c) = state.store.command_counts().await {
+        counters.extend(c.into_iter().map(|(s, n)| (format!("commands_{s}"), n)));
+    }
+    if let Ok(c) = state.store.transfer_counts().await {
+        counters.extend(c.into_iter().map(|(s, n)| (format!("transfers_{s}"), n)));
+    }
     Json(StatsView {
         now_ms: crate::store::now_ms(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -727,6 +733,11 @@ fn control_series(state: &AdminState) -> Vec<(&'static str, &'static str, u64, b
             "Accepted control connections that have ended.",
             &c.connections_closed,
         ),
+        (
+            "control_connections_accepted",
+            "Control connections admitted past the accept checks.",
+            &c.connections_accepted,
+        ),
     ]
     .into_iter()
     .map(|(name, help, v)| (name, help, v.load(Relaxed), false))
@@ -740,6 +751,18 @@ fn control_series(state: &AdminState) -> Vec<(&'static str, &'static str, u64, b
         "control_sessions_online",
         "Control sessions live now.",
         online as u64,
+        true,
+    ));
+    // Open connections not (yet) in a live session: TLS handshake, authentication, or a session
+    // just replaced or ending.
+    let open = c
+        .connections_accepted
+        .load(Relaxed)
+        .saturating_sub(c.connections_closed.load(Relaxed));
+    out.push((
+        "control_connections_handshaking",
+        "Open control connections without a live session (handshake or authentication).",
+        open.saturating_sub(online as u64),
         true,
     ));
     out
@@ -770,6 +793,29 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     }
     for (name, help, value, gauge) in control_series(&state) {
         push(name, help, value, gauge);
+    }
+    // Commands and transfers by status, read from the database at each scrape.
+    for (metric, help, counts) in [
+        (
+            "gateway_commands",
+            "Stored commands by status.",
+            state.store.command_counts().await,
+        ),
+        (
+            "gateway_transfers",
+            "File transfers by status.",
+            state.store.transfer_counts().await,
+        ),
+    ] {
+        match counts {
+            Ok(counts) => {
+                out.push_str(&format!("# HELP {metric} {help}\n# TYPE {metric} gauge\n"));
+                for (status, n) in counts {
+                    out.push_str(&format!("{metric}{{status=\"{status}\"}} {n}\n"));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, metric, "metrics: could not count"),
+        }
     }
     state.counters.commit_latency.render(
         crate::events::LATENCY_BOUNDS,

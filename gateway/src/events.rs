@@ -163,6 +163,11 @@ pub mod names {
     pub const RETENTION_AGGREGATES_DELETED: &str = "retention_aggregates_deleted";
     /// Bytes of database pages in use after the last retention run (a gauge).
     pub const DB_USED_BYTES: &str = "db_used_bytes";
+    /// Gauge: datagrams waiting for the writer when it took its last batch.
+    pub const WRITER_QUEUE_DEPTH: &str = "writer_queue_depth";
+    /// Gauge: the most datagrams that queue holds (`telemetry.queue`); past it they are dropped
+    /// as `queue_full`.
+    pub const WRITER_QUEUE_CAPACITY: &str = "writer_queue_capacity";
 }
 
 /// The one-line description of a counter or gauge, for `# HELP` in `/metrics`.
@@ -196,6 +201,10 @@ pub fn help(name: &str) -> &'static str {
         RETENTION_RUNS => "Retention enforcements completed.",
         RETENTION_READINGS_DELETED => "Raw readings deleted by retention.",
         RETENTION_AGGREGATES_DELETED => "Aggregate windows deleted by retention.",
+        WRITER_QUEUE_DEPTH => "Datagrams waiting for the writer when it took its last batch.",
+        WRITER_QUEUE_CAPACITY => {
+            "Datagrams the writer's queue holds (telemetry.queue); past it they are dropped."
+        }
         DB_USED_BYTES => {
             "Bytes of database pages in use (free pages excluded), updated every stats interval."
         }
@@ -278,6 +287,10 @@ pub struct Counters {
     pub retention_aggregates_deleted: AtomicU64,
     /// See [`names::DB_USED_BYTES`].
     pub db_used_bytes: AtomicU64,
+    /// See [`names::WRITER_QUEUE_DEPTH`].
+    pub writer_queue_depth: AtomicU64,
+    /// See [`names::WRITER_QUEUE_CAPACITY`].
+    pub writer_queue_capacity: AtomicU64,
     /// Gateway time (ms) the writer last finished a loop: a commit, or its idle tick. The
     /// watchdog reads it (not exported).
     pub writer_heartbeat_ms: AtomicU64,
@@ -431,6 +444,12 @@ impl Counters {
                 false,
             ),
             (names::DB_USED_BYTES, c(&self.db_used_bytes), true),
+            (names::WRITER_QUEUE_DEPTH, c(&self.writer_queue_depth), true),
+            (
+                names::WRITER_QUEUE_CAPACITY,
+                c(&self.writer_queue_capacity),
+                true,
+            ),
         ]);
         out
     }

@@ -923,8 +923,48 @@ fn metrics_pass_promtool() -> anyhow::Result<()> {
     d.send_acked(&d.datagram(0, 3), 0)?;
     d.socket.send(&d.datagram(0, 3))?; // a duplicate
     d.socket.send(b"garbage")?;
-    let (code, text) = admin_get(gw.admin, &dir.path().join("admin.token"), "/metrics")?;
+    // A command for an offline device, and a control connection stuck before its handshake.
+    let admin = gw.admin.to_string();
+    let out = gateway(&[
+        "commands",
+        "send",
+        "--device",
+        "2",
+        "ping",
+        "--admin",
+        &admin,
+        "--db",
+        path(&db),
+    ])?;
+    assert!(out.contains("queued"), "{out}");
+    let _stalled = std::net::TcpStream::connect(gw.control)?;
+    let token = dir.path().join("admin.token");
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled connection counted",
+        || {
+            let (_, text) = admin_get(gw.admin, &token, "/metrics")?;
+            Ok(metric(&text, "gateway_control_connections_handshaking") == 1)
+        },
+    )?;
+    let (code, text) = admin_get(gw.admin, &token, "/metrics")?;
     assert_eq!(code, 200);
+    assert_eq!(
+        metric(&text, "gateway_commands{status=\"queued\"}"),
+        1,
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway_commands{status=\"acknowledged\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("gateway_transfers{status=\"sending\"} 0"),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "gateway_control_sessions_online"), 0);
+    assert!(metric(&text, "gateway_writer_queue_capacity") > 0, "{text}");
+    assert!(text.contains("gateway_writer_queue_depth "), "{text}");
     // The histograms count what was committed (the acked datagram at least).
     assert!(
         metric(&text, "gateway_commit_latency_seconds_count") >= 1

@@ -50,6 +50,8 @@ pub struct ControlCounters {
     pub sessions_replaced: AtomicU64,
     /// Accepted connections that have ended, at any stage (handshake, authentication, session).
     pub connections_closed: AtomicU64,
+    /// Connections admitted past the accept checks (each ends in `connections_closed`).
+    pub connections_accepted: AtomicU64,
 }
 
 /// A live, authenticated session as the rest of the gateway sees it.
@@ -234,6 +236,10 @@ impl ControlServer {
                 *n += 1;
             }
             let _ = stream.set_nodelay(true);
+            self.shared
+                .counters
+                .connections_accepted
+                .fetch_add(1, Relaxed);
             let shared = self.shared.clone();
             let acceptor = self.acceptor.clone();
             let session_cancel = cancel.child_token();

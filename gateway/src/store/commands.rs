@@ -322,6 +322,33 @@ impl Store {
         Ok(())
     }
 
+    /// Commands per status (`queued`, `sent`, ...), with 0 for statuses none has.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn command_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM commands GROUP BY status")
+                .fetch_all(self.pool())
+                .await?;
+        Ok([
+            CommandStatus::Queued,
+            CommandStatus::Sent,
+            CommandStatus::Acknowledged,
+            CommandStatus::Failed,
+            CommandStatus::Expired,
+        ]
+        .iter()
+        .map(|st| {
+            let n = rows
+                .iter()
+                .find(|(s, _)| s == st.as_str())
+                .map_or(0, |(_, n)| *n);
+            (st.as_str(), n.max(0) as u64)
+        })
+        .collect())
+    }
+
     /// Commands, newest first, optionally of one device, at most `limit`.
     ///
     /// # Errors

@@ -151,6 +151,25 @@ impl Store {
         Ok(())
     }
 
+    /// Transfers per status (`queued`, `sending`, `done`, `failed`), with 0 for statuses none
+    /// has.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn transfer_counts(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, count(*) FROM file_transfers GROUP BY status")
+                .fetch_all(self.pool())
+                .await?;
+        Ok(["queued", "sending", "done", "failed"]
+            .into_iter()
+            .map(|st| {
+                let n = rows.iter().find(|(s, _)| s == st).map_or(0, |(_, n)| *n);
+                (st, n.max(0) as u64)
+            })
+            .collect())
+    }
+
     /// Transfers, newest first, optionally of one file.
     ///
     /// # Errors

@@ -356,6 +356,9 @@ impl Writer {
     /// with a database that stays unwritable it gives up on what is left (none of it acked).
     pub async fn run(mut self) {
         self.heartbeat();
+        self.counters
+            .writer_queue_capacity
+            .store(self.rx.max_capacity() as u64, Relaxed);
         let mut tick = tokio::time::interval(self.cfg.stats_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -403,6 +406,9 @@ impl Writer {
                 readings += item.readings();
                 batch.push(item);
             }
+            self.counters
+                .writer_queue_depth
+                .store(self.rx.len() as u64, Relaxed);
             let flush = self.last_flush.elapsed() >= self.cfg.stats_interval;
             // Under a load that never lets the tick win, the idle sweep rides on the flush.
             self.commit(batch, flush, flush).await;
