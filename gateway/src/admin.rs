@@ -65,8 +65,8 @@ pub struct AdminState {
     pub outbox_high_water: Option<u64>,
     /// Configured aggregate window lengths, ms, shortest first.
     pub aggregate_windows: Vec<u64>,
-    /// Most rows in one query response.
-    pub max_points: u64,
+    /// Most rows in one query response (`admin.max_points`; a reload may change it).
+    pub max_points: Arc<std::sync::atomic::AtomicU64>,
     /// Slots of queries streaming at once ([`crate::api::MAX_STREAMS`]).
     pub query_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -162,7 +162,11 @@ fn series(
     q: Result<Query<SeriesParams>, QueryRejection>,
 ) -> Result<Series, String> {
     let Query(p) = q.map_err(|e| e.body_text())?;
-    validate(p, state.max_points, now_ms())
+    validate(
+        p,
+        state.max_points.load(std::sync::atomic::Ordering::Relaxed),
+        now_ms(),
+    )
 }
 
 /// Rows encoded so far, flushed in chunks to the response. `false` once the client is gone.

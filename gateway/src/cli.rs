@@ -831,10 +831,10 @@ impl ServeArgs {
     /// # Errors
     /// An unreadable or invalid file, or invalid values.
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        // Variables that are not UTF-8 cannot be overrides; they are skipped, not a panic.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let mut cfg = Config::from_sources(self.config.as_deref(), env)?;
         if let Some(db) = &self.db {
             cfg.store.path = db.clone();
         }

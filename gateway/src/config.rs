@@ -742,6 +742,22 @@ pub enum ConfigError {
         /// Why.
         source: Box<toml::de::Error>,
     },
+    /// An environment override could not be applied.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Why.
+        reason: String,
+    },
+    /// The settings with their environment overrides do not fit the tree.
+    #[error("invalid settings from {source_desc}: {source}")]
+    Merged {
+        /// Which file and variables.
+        source_desc: String,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
     /// A value is out of its bounds.
     #[error("invalid setting {field}: {reason}")]
     Invalid {
@@ -752,20 +768,110 @@ pub enum ConfigError {
     },
 }
 
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "GATEWAY__";
+
+/// Sets `table[section][key]...` from `GATEWAY__SECTION__KEY=raw`.
+fn overlay(table: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| ConfigError::Env {
+        var: var.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    if path.iter().any(String::is_empty) {
+        return Err(bad(
+            "expected GATEWAY__SECTION__KEY (double underscores between the parts)",
+        ));
+    }
+    // A TOML value when it parses as one, else the text as a string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let (last, parents) = path.split_last().ok_or_else(|| bad("names no setting"))?;
+    let mut at = table;
+    for part in parents {
+        let entry = at
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = entry
+            .as_table_mut()
+            .ok_or_else(|| bad(&format!("{part} is a setting, not a section")))?;
+    }
+    at.insert(last.clone(), value);
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates a TOML file.
     ///
     /// # Errors
     /// [`ConfigError::Read`], [`ConfigError::Parse`], or the errors of [`Config::validate`].
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        Self::from_sources(Some(path), std::iter::empty())
+    }
+
+    /// Reads the optional TOML file, then applies environment overrides, then validates.
+    ///
+    /// An override is a variable `GATEWAY__SECTION__KEY` (sections and keys as in the file,
+    /// any case, double underscores between them) whose value is a TOML value (`1884`,
+    /// `true`, `["10s", "1m"]`, `{ "1s" = "20s" }`) or else a plain string (`30d`,
+    /// `broker.example.net`). Variables with other prefixes are ignored.
+    ///
+    /// # Errors
+    /// Those of [`Config::from_file`], [`ConfigError::Env`] for a variable that names no
+    /// setting path, [`ConfigError::Merged`] for a value the setting does not take.
+    pub fn from_sources(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let parse_error = |source| match path {
+            Some(path) => ConfigError::Parse {
+                path: path.to_owned(),
+                source: Box::new(source),
+            },
+            None => ConfigError::Merged {
+                source_desc: "defaults".into(),
+                source: Box::new(source),
+            },
+        };
+        let mut table = toml::from_str::<toml::Table>(&text).map_err(parse_error)?;
+        let mut applied = Vec::new();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (var, raw) in env {
+            overlay(&mut table, &var, &raw)?;
+            applied.push(var);
+        }
+        let cfg: Config = if applied.is_empty() {
+            // From the text, so errors point at its lines.
+            toml::from_str(&text).map_err(parse_error)?
+        } else {
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Merged {
+                    source_desc: format!(
+                        "{}with {}",
+                        path.map(|p| format!("{} ", p.display()))
+                            .unwrap_or_default(),
+                        applied.join(", ")
+                    ),
+                    source: Box::new(source),
+                })?
+        };
         cfg.validate()?;
         Ok(cfg)
     }

@@ -39,6 +39,7 @@ pub mod limit;
 pub mod memory;
 pub mod mqtt;
 pub mod notify;
+pub mod reload;
 pub mod replay;
 pub mod rows;
 pub mod signal;
@@ -106,6 +107,8 @@ pub struct Gateway {
     cancel: CancellationToken,
     tracker: TaskTracker,
     grace: std::time::Duration,
+    live: reload::Live,
+    config: std::sync::Mutex<Config>,
 }
 
 impl Gateway {
@@ -301,6 +304,7 @@ impl Gateway {
                 addr: aaddr,
                 source,
             })?;
+        let max_points = Arc::new(std::sync::atomic::AtomicU64::new(cfg.admin.max_points));
         let admin_state = Arc::new(admin::AdminState {
             store: store.clone(),
             sessions: sessions.clone(),
@@ -325,7 +329,7 @@ impl Gateway {
                 w.sort_unstable();
                 w
             },
-            max_points: cfg.admin.max_points,
+            max_points: max_points.clone(),
             query_slots: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
@@ -334,15 +338,15 @@ impl Gateway {
             wal_reset_wanted,
             cancel.clone(),
         ));
-        if cfg.retention.active() {
-            tracker.spawn(store::retention::run(
-                store.clone(),
-                store::retention::Policy::from_config(cfg),
-                cfg.retention.interval,
-                counters.clone(),
-                cancel.clone(),
-            ));
-        }
+        // Always running: a reload may turn retention on.
+        let (retention_tx, retention_rx) =
+            tokio::sync::watch::channel(reload::RetentionSettings::of(cfg));
+        tracker.spawn(store::retention::run(
+            store.clone(),
+            retention_rx,
+            counters.clone(),
+            cancel.clone(),
+        ));
         let mqtt_state = Arc::new(mqtt::MqttState::default());
         if cfg.mqtt.enabled {
             let forwarder = mqtt::Forwarder::new(
@@ -373,7 +377,21 @@ impl Gateway {
             cancel,
             tracker,
             grace: cfg.service.shutdown_grace,
+            live: reload::Live {
+                retention: retention_tx,
+                max_points,
+            },
+            config: std::sync::Mutex::new(cfg.clone()),
         })
+    }
+
+    /// Takes a new configuration (SIGHUP): applies what can change while running, logs every
+    /// change and which wait for a restart, and returns them.
+    pub fn reload(&self, new: Config) -> Vec<reload::Change> {
+        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let changes = self.live.apply(&current, &new);
+        *current = new;
+        changes
     }
 
     /// A token that stops the gateway when cancelled.

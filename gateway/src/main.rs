@@ -85,9 +85,31 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
             watchdog_stop.clone(),
         ));
     }
-    gateway::signal::shutdown()
-        .await
+    // SIGHUP re-reads the configuration until SIGTERM or SIGINT.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing signal handlers")?;
+    let stop = gateway::signal::shutdown();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            done = &mut stop => {
+                done.context("installing signal handlers")?;
+                break;
+            }
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP received, reloading the configuration");
+                match args.resolve() {
+                    Ok(new) => {
+                        gw.reload(new);
+                    }
+                    Err(error) => tracing::error!(
+                        error = %format!("{error:#}"),
+                        "reload: the configuration is invalid; the running one is kept"
+                    ),
+                }
+            }
+        }
+    }
     notifier.send("STOPPING=1");
     watchdog_stop.cancel();
     tokio::select! {

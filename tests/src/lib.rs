@@ -161,6 +161,28 @@ impl TestGateway {
         udp: &str,
         extra: &[&str],
     ) -> anyhow::Result<TestGateway> {
+        Self::start_full(netns, db, udp, extra, &[])
+    }
+
+    /// As [`TestGateway::start`], with environment variables set for the gateway.
+    ///
+    /// # Errors
+    /// When it fails to start or does not announce its address within 30 s.
+    pub fn start_env(
+        db: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestGateway> {
+        Self::start_full(None, db, "127.0.0.1:0", extra, env)
+    }
+
+    fn start_full(
+        netns: Option<&str>,
+        db: &Path,
+        udp: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<TestGateway> {
         let log = db.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -187,6 +209,7 @@ impl TestGateway {
             ])
             .arg(db)
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -529,44 +529,59 @@ async fn pace(took: Duration) {
     tokio::time::sleep((took * 9).clamp(Duration::from_millis(1), Duration::from_secs(2))).await;
 }
 
-/// Runs the policy every `interval` until `cancel` fires, counting what it does.
+/// Runs the policy every interval until `cancel` fires, counting what it does; takes new
+/// settings from `settings` (SIGHUP) and idles while they enforce nothing.
 pub async fn run(
     store: Store,
-    mut policy: Policy,
-    interval: Duration,
+    mut settings: tokio::sync::watch::Receiver<crate::reload::RetentionSettings>,
     counters: std::sync::Arc<crate::events::Counters>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    // Deletions are counted per statement, so a run cut short still counts what it did.
-    policy.counters = Some(counters.clone());
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closed = false;
     loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let pruned = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = store.prune(&policy, super::now_ms()) => r,
-        };
-        match pruned {
-            Ok(r) => {
-                counters.retention_runs.fetch_add(1, Relaxed);
-                counters.db_used_bytes.store(r.used_after, Relaxed);
-                if r.readings + r.aggregates > 0 {
-                    tracing::info!(
-                        readings = r.readings,
-                        aggregates = r.aggregates,
-                        kept_unsent = r.kept_unsent,
-                        pages_freed = r.pages_freed,
-                        used_bytes = r.used_after,
-                        "retention pruned"
-                    );
+        let current = settings.borrow_and_update().clone();
+        let mut policy = current.policy;
+        // Deletions are counted per statement, so a run cut short still counts what it did.
+        policy.counters = Some(counters.clone());
+        let mut tick = tokio::time::interval(current.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = settings.changed(), if !closed => {
+                    if changed.is_err() {
+                        // Nobody can change the settings any more: keep these.
+                        closed = true;
+                        continue;
+                    }
+                    break;
+                }
+                _ = tick.tick(), if current.active => {}
+            }
+            let pruned = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = store.prune(&policy, super::now_ms()) => r,
+            };
+            match pruned {
+                Ok(r) => {
+                    counters.retention_runs.fetch_add(1, Relaxed);
+                    counters.db_used_bytes.store(r.used_after, Relaxed);
+                    if r.readings + r.aggregates > 0 {
+                        tracing::info!(
+                            readings = r.readings,
+                            aggregates = r.aggregates,
+                            kept_unsent = r.kept_unsent,
+                            pages_freed = r.pages_freed,
+                            used_bytes = r.used_after,
+                            "retention pruned"
+                        );
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "retention failed; retried at the next interval")
                 }
             }
-            Err(error) => tracing::warn!(%error, "retention failed; retried at the next interval"),
         }
     }
 }
