@@ -67,6 +67,8 @@ pub struct AdminState {
     pub aggregate_windows: Vec<u64>,
     /// Most rows in one query response (`admin.max_points`; a reload may change it).
     pub max_points: Arc<std::sync::atomic::AtomicU64>,
+    /// How long a streamed query waits for a client that takes nothing (`admin.stall_timeout`).
+    pub stall_timeout: std::time::Duration,
     /// Slots of queries streaming at once ([`crate::api::MAX_STREAMS`]).
     pub query_slots: Arc<tokio::sync::Semaphore>,
 }

@@ -8,7 +8,7 @@
 //! A query runs on its own task that encodes rows into 64 KiB chunks and hands them to the
 //! response through a channel of four chunks: a slow client holds the query back instead of
 //! letting the result pile up, and a client that goes away ends the query. A client that takes
-//! nothing for 30 s is dropped, and at most [`MAX_STREAMS`] queries stream at once (503 past
+//! nothing for `admin.stall_timeout` (30 s) is dropped, and at most [`MAX_STREAMS`] queries stream at once (503 past
 //! that), so readers never hold every database connection. A response holds at
 //! most `limit` rows (default and ceiling `admin.max_points`); a database error after the first
 //! chunk aborts the response, so a client never mistakes a cut result for a whole one.
@@ -36,7 +36,6 @@ pub const OPENAPI: &str = include_str!("../openapi.json");
 const CHUNK: usize = 64 * 1024;
 /// A client that takes no chunk for this long is dropped: a stalled reader must not hold a
 /// database connection and its read snapshot (which holds WAL checkpoints back) for ever.
-const STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Queries streaming at once (of the six database connections; the writer holds one).
 pub const MAX_STREAMS: usize = 3;
 
@@ -172,6 +171,11 @@ fn series(
 /// Rows encoded so far, flushed in chunks to the response. `false` once the client is gone.
 struct Sink {
     enc: Encoder,
+    /// How long a client may take nothing before the response is dropped.
+    stall: std::time::Duration,
+    /// Set when the response must end as an error (no last chunk): a stalled client or a
+    /// failed query. Read by the body once the channel is drained.
+    cut: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     /// Held while the query runs: one of [`MAX_STREAMS`].
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -197,10 +201,14 @@ impl Sink {
             &mut self.enc.buf,
             Vec::with_capacity(CHUNK + 1024),
         ));
-        match tokio::time::timeout(STALL, self.tx.send(Ok(chunk))).await {
+        match tokio::time::timeout(self.stall, self.tx.send(Ok(chunk))).await {
             Ok(sent) => sent.is_ok(),
             Err(_) => {
-                tracing::warn!("query client took nothing for 30 s; response dropped");
+                tracing::warn!(
+                    stall = ?self.stall,
+                    "query client took nothing for admin.stall_timeout; response dropped"
+                );
+                self.cut.store(true, std::sync::atomic::Ordering::Release);
                 false
             }
         }
@@ -213,10 +221,12 @@ impl Sink {
 
     async fn fail(self, e: impl std::fmt::Display) {
         tracing::warn!(error = %e, "query failed while streaming; response aborted");
-        let _ = self
-            .tx
-            .send(Err(std::io::Error::other(e.to_string())))
-            .await;
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        let _ = tokio::time::timeout(
+            self.stall,
+            self.tx.send(Err(std::io::Error::other(e.to_string()))),
+        )
+        .await;
     }
 }
 
@@ -234,14 +244,30 @@ where
         );
     };
     let (tx, rx) = mpsc::channel(4);
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sink = Sink {
         enc: Encoder::new::<R>(format),
+        stall: state.stall_timeout,
+        cut: cut.clone(),
         tx,
         _slot: slot,
     };
     tokio::spawn(produce(sink));
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
+    // A response that was cut ends with an error, so the connection is closed without the
+    // last chunk: a client can never take a part for the whole.
+    let body = futures_util::stream::unfold(Some(rx), move |rx| {
+        let cut = cut.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(chunk) => Some((chunk, Some(rx))),
+                None if cut.load(std::sync::atomic::Ordering::Acquire) => Some((
+                    Err(std::io::Error::other("response cut: query dropped")),
+                    None,
+                )),
+                None => None,
+            }
+        }
     });
     (
         [(header::CONTENT_TYPE, format.content_type())],

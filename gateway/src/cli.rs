@@ -250,10 +250,8 @@ pub async fn aggregates(cmd: AggregatesCommand) -> anyhow::Result<()> {
             write,
             format,
         } => {
-            let cfg = match &config {
-                Some(path) => Config::from_file(path)?,
-                None => Config::default(),
-            };
+            // The same settings the gateway runs with: file, then environment overrides.
+            let cfg = Config::from_sources(config.as_deref(), env_overrides())?;
             let store = Store::open(&OpenOptions::cli(&db.db, false)).await?;
             let agg_cfg = crate::aggregate::aggregator_config(&cfg.aggregate);
             let tty = io::stderr().is_terminal();
@@ -825,16 +823,19 @@ pub struct ServeArgs {
     pub id: Option<String>,
 }
 
+/// The process environment, for [`Config::from_sources`]. Variables that are not UTF-8
+/// cannot be overrides; they are skipped, not a panic.
+fn env_overrides() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+}
+
 impl ServeArgs {
     /// The effective configuration: defaults, then the file, then these overrides.
     ///
     /// # Errors
     /// An unreadable or invalid file, or invalid values.
     pub fn resolve(&self) -> anyhow::Result<Config> {
-        // Variables that are not UTF-8 cannot be overrides; they are skipped, not a panic.
-        let env = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        let mut cfg = Config::from_sources(self.config.as_deref(), env)?;
+        let mut cfg = Config::from_sources(self.config.as_deref(), env_overrides())?;
         if let Some(db) = &self.db {
             cfg.store.path = db.clone();
         }

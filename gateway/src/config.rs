@@ -581,6 +581,13 @@ pub struct AdminConfig {
     /// ask for fewer with `limit`). Default 1,000,000.
     #[serde(default = "default_max_points")]
     pub max_points: u64,
+    /// A streamed query whose client takes nothing for this long is dropped (its slot freed).
+    #[serde(default = "default_stall_timeout", with = "humantime_serde")]
+    pub stall_timeout: Duration,
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_max_points() -> u64 {
@@ -597,6 +604,7 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             token: None,
             max_points: default_max_points(),
+            stall_timeout: default_stall_timeout(),
         }
     }
 }
@@ -786,11 +794,17 @@ fn overlay(table: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigEr
             "expected GATEWAY__SECTION__KEY (double underscores between the parts)",
         ));
     }
-    // A TOML value when it parses as one, else the text as a string.
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    // A TOML value when it parses as one, else the text as a string; secrets always as the
+    // text (a numeric token stays a string).
+    let secret = matches!(path.join(".").as_str(), "admin.token" | "mqtt.password");
+    let value = if secret {
+        toml::Value::String(raw.to_owned())
+    } else {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+    };
     let (last, parents) = path.split_last().ok_or_else(|| bad("names no setting"))?;
     let mut at = table;
     for part in parents {
@@ -944,6 +958,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "retention.readings",
                 reason: "at least twice the longest aggregate window plus the lateness",
+            });
+        }
+        if self.admin.stall_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "admin.stall_timeout",
+                reason: "above zero",
             });
         }
         if self.admin.max_points == 0 {

@@ -161,9 +161,10 @@ pub mod names {
     pub const RETENTION_READINGS_DELETED: &str = "retention_readings_deleted";
     /// Aggregate windows deleted by retention.
     pub const RETENTION_AGGREGATES_DELETED: &str = "retention_aggregates_deleted";
-    /// Bytes of database pages in use after the last retention run (a gauge).
+    /// Bytes of database pages in use (a gauge), updated every stats interval.
     pub const DB_USED_BYTES: &str = "db_used_bytes";
-    /// Gauge: datagrams waiting for the writer when it took its last batch.
+    /// Gauge: items (datagrams, re-acks) left waiting for the writer when it last took a batch
+    /// (it holds still while the writer is stuck in a commit).
     pub const WRITER_QUEUE_DEPTH: &str = "writer_queue_depth";
     /// Gauge: the most datagrams that queue holds (`telemetry.queue`); past it they are dropped
     /// as `queue_full`.

@@ -330,6 +330,7 @@ impl Gateway {
                 w
             },
             max_points: max_points.clone(),
+            stall_timeout: cfg.admin.stall_timeout,
             query_slots: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
         });
         tracker.spawn(admin::serve(admin_listener, admin_state, cancel.clone()));
@@ -387,11 +388,12 @@ impl Gateway {
 
     /// Takes a new configuration (SIGHUP): applies what can change while running, logs every
     /// change and which wait for a restart, and returns them.
-    pub fn reload(&self, new: Config) -> Vec<reload::Change> {
-        let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
-        let changes = self.live.apply(&current, &new);
-        *current = new;
-        changes
+    ///
+    /// # Errors
+    /// When the settings that would run are invalid (nothing is changed then).
+    pub fn reload(&self, new: &Config) -> Result<Vec<reload::Change>, config::ConfigError> {
+        let mut running = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        self.live.apply(&mut running, new)
     }
 
     /// A token that stops the gateway when cancelled.

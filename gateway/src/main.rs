@@ -56,6 +56,10 @@ fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
+    // Installed before anything else: SIGHUP's default action would end the process, and
+    // systemd may send it as soon as the unit is up.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing signal handlers")?;
     let cfg = args.resolve()?;
     let gw = gateway::Gateway::start(&cfg).await?;
     // Tests and scripts read this line to learn the bound address (with port 0).
@@ -85,9 +89,8 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
             watchdog_stop.clone(),
         ));
     }
-    // SIGHUP re-reads the configuration until SIGTERM or SIGINT.
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing signal handlers")?;
+    // SIGHUP re-reads the configuration until SIGTERM or SIGINT (one that came during the
+    // start is served now).
     let stop = gateway::signal::shutdown();
     tokio::pin!(stop);
     loop {
@@ -98,10 +101,8 @@ async fn serve(args: gateway::cli::ServeArgs) -> anyhow::Result<()> {
             }
             _ = hangup.recv() => {
                 tracing::info!("SIGHUP received, reloading the configuration");
-                match args.resolve() {
-                    Ok(new) => {
-                        gw.reload(new);
-                    }
+                match args.resolve().and_then(|new| Ok(gw.reload(&new)?)) {
+                    Ok(_) => {}
                     Err(error) => tracing::error!(
                         error = %format!("{error:#}"),
                         "reload: the configuration is invalid; the running one is kept"

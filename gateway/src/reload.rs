@@ -121,14 +121,37 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         .collect()
 }
 
+/// What runs after a reload: `running` with the live settings of `new` (the rest of `new`
+/// waits for a restart, so it is not what runs).
+pub fn effective(running: &Config, new: &Config) -> Config {
+    let mut cfg = running.clone();
+    cfg.retention = new.retention.clone();
+    cfg.admin.max_points = new.admin.max_points;
+    cfg
+}
+
 impl Live {
-    /// Applies the live settings of `new` (the others wait for a restart) and logs each change.
-    pub fn apply(&self, old: &Config, new: &Config) -> Vec<Change> {
-        let changes = diff(old, new);
-        if changes.iter().any(|c| c.path.starts_with("retention.")) {
-            self.retention.send_replace(RetentionSettings::of(new));
+    /// Applies the live settings of `new` to what runs (`running`, updated in place; the other
+    /// settings wait for a restart) and logs each change against what runs. A policy that
+    /// does not fit what runs (retention against the running aggregate windows) is refused.
+    ///
+    /// # Errors
+    /// The validation error of the settings that would run.
+    pub fn apply(
+        &self,
+        running: &mut Config,
+        new: &Config,
+    ) -> Result<Vec<Change>, crate::config::ConfigError> {
+        let next = effective(running, new);
+        next.validate()?;
+        let changes = diff(running, new);
+        let retention_changed = toml::Value::try_from(&running.retention).ok()
+            != toml::Value::try_from(&next.retention).ok();
+        if retention_changed {
+            self.retention.send_replace(RetentionSettings::of(&next));
         }
-        self.max_points.store(new.admin.max_points, Relaxed);
+        self.max_points.store(next.admin.max_points, Relaxed);
+        *running = next;
         for c in &changes {
             if c.live {
                 tracing::info!(setting = %c.path, old = %c.old, new = %c.new, "reload: applied");
@@ -142,7 +165,7 @@ impl Live {
         if changes.is_empty() {
             tracing::info!("reload: configuration unchanged");
         }
-        changes
+        Ok(changes)
     }
 }
 
@@ -176,5 +199,14 @@ mod tests {
         );
         assert_eq!(changes[2].new, "\"1h\"");
         assert!(diff(&old, &old.clone()).is_empty());
+        // What runs keeps the restart-only settings: reverting one is no change.
+        let running = effective(&old, &new);
+        assert_eq!(running.telemetry.queue, old.telemetry.queue);
+        assert_eq!(running.admin.max_points, 5);
+        assert!(
+            diff(&running, &old)
+                .iter()
+                .all(|c| c.path == "admin.max_points" || c.path == "retention.readings")
+        );
     }
 }

@@ -277,3 +277,118 @@ fn the_openapi_document_describes_the_served_api() -> anyhow::Result<()> {
     gw.stop()?;
     Ok(())
 }
+
+/// LEB128, as the block format stores sensor and time offset.
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Sends a readings query on a socket with a small receive buffer and returns it unread.
+fn open_query(gw: &TestGateway, token: &str, query: &str) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::Write;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_recv_buffer_size(4096)?;
+    sock.connect(&gw.admin.into())?;
+    let mut s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+    s.write_all(
+        format!(
+            "GET {query} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    Ok(s)
+}
+
+/// The status of a response whose first bytes are in `s`.
+fn status_of(s: &mut std::net::TcpStream) -> anyhow::Result<u16> {
+    use std::io::Read;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)?;
+    std::str::from_utf8(&head[9..12])?.parse().context("status")
+}
+
+/// A client that stops reading a long response is dropped after `admin.stall_timeout`: its
+/// response ends cut (no last chunk, so it cannot pass for complete) and its query slot is
+/// free again, while other queries were answered meanwhile.
+#[test]
+fn a_stalled_client_is_dropped_and_its_slot_freed() -> anyhow::Result<()> {
+    use std::io::Read;
+    let _serial = serial();
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("gw.db");
+    provision(dir.path(), &db, 1)?;
+    // 200,000 readings of device 1 (about 12 MB of CSV), written straight into the table.
+    {
+        let conn = rusqlite::Connection::open(&db)?;
+        let tx = conn.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare(
+                "INSERT INTO blocks (device, ts_min, seq, idx, ts_max, count, data) \
+                 VALUES (1, ?1, ?2, 0, ?3, 50, ?4)",
+            )?;
+            for b in 0..4_000i64 {
+                let ts = 1_600_000_000_000 + b * 50_000;
+                let mut data = vec![1u8];
+                for i in 0..50u64 {
+                    varint(&mut data, 1);
+                    varint(&mut data, i * 1_000);
+                    data.extend_from_slice(&(i as f64 * 0.5).to_le_bytes());
+                }
+                st.execute(rusqlite::params![ts, b, ts + 49_000, data])?;
+            }
+        }
+        tx.commit()?;
+    }
+    let gw = TestGateway::start_env(&db, &[], &[("GATEWAY__ADMIN__STALL_TIMEOUT", "2s")])?;
+    let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
+    let token = token.trim();
+    let all = "/api/v1/readings?device=1&from=0&format=csv";
+
+    let mut stalled = open_query(&gw, token, all)?;
+    assert_eq!(status_of(&mut stalled)?, 200);
+    // Others are served meanwhile.
+    let (code, _, body) = http(
+        gw.admin,
+        "GET",
+        "/api/v1/readings?device=1&from=0&limit=10&format=csv",
+        Some(token),
+    )?;
+    assert_eq!(code, 200);
+    assert_eq!(body.lines().count(), 11, "{body}");
+    let log = db.with_extension("log");
+    e2e::wait_until(
+        std::time::Duration::from_secs(20),
+        "the stalled query dropped",
+        || Ok(std::fs::read_to_string(&log)?.contains("response dropped")),
+    )?;
+    // What the stalled client gets when it reads at last: a response cut short.
+    let mut rest = Vec::new();
+    stalled.read_to_end(&mut rest)?;
+    assert!(
+        rest.len() < 12_000_000 && !rest.ends_with(b"\r\n0\r\n\r\n"),
+        "{} bytes, ends {:?}",
+        rest.len(),
+        String::from_utf8_lossy(&rest[rest.len().saturating_sub(16)..])
+    );
+    // Its slot is free: three queries stream at once again.
+    let mut three = Vec::new();
+    for _ in 0..3 {
+        three.push(open_query(&gw, token, all)?);
+    }
+    for s in &mut three {
+        assert_eq!(
+            status_of(s)?,
+            200,
+            "a slot is still held by the dropped query"
+        );
+    }
+    drop(three);
+    gw.stop()?;
+    Ok(())
+}

@@ -163,37 +163,39 @@ fn the_dashboard_shows_the_fleet_and_charts_stored_data_live() -> anyhow::Result
     let r = read_report(&report)?;
     assert_eq!(r.readings_acked, r.readings_sent);
     let ended = e2e_now_ms();
-    let view = wait_until_view(&b, ended)?;
-    let (from, to, step) = (
-        view["from"].as_str(),
-        view["to"].as_str(),
-        view["step"].as_str(),
-    );
-    let q = format!(
-        "/api/v1/readings?device={device}&from={}&to={}&step={}ms&format=json",
-        from.context("from")?,
-        to.context("to")?,
-        step.context("step")?
-    );
-    let step: u64 = step.unwrap_or_default().parse()?;
-    let want = api_facts(&gw, token, &q, step)?;
-    let got = chart_facts(&b, "readings-charts")?;
-    assert!(!want.is_empty());
-    assert_eq!(got, want, "readings charts vs {q}");
-    let astep: u64 = view["astep"].as_str().unwrap_or_default().parse()?;
-    let qa = format!(
-        "/api/v1/aggregates?device={device}&from={}&to={}&window={}ms&step={astep}ms&format=json",
-        from.unwrap_or_default(),
-        to.unwrap_or_default(),
-        view["window"].as_str().unwrap_or_default()
-    );
-    let want = api_facts(&gw, token, &qa, astep)?;
-    assert!(!want.is_empty(), "no stored windows");
-    assert_eq!(
-        chart_facts(&b, "aggregate-charts")?,
-        want,
-        "aggregate charts vs {qa}"
-    );
+    // Windows may still close after the fleet stops (a page fetch and the test's fetch can
+    // straddle one): compare again at each redraw until the page and the API agree.
+    let mut last = String::new();
+    let mut got = Vec::new();
+    let agreed = wait_until(Duration::from_secs(40), "charts equal to the API", || {
+        let view = wait_until_view(&b, ended)?;
+        let field = |k: &str| view[k].as_str().unwrap_or_default().to_owned();
+        let (from, to, step) = (field("from"), field("to"), field("step"));
+        let q = format!(
+            "/api/v1/readings?device={device}&from={from}&to={to}&step={step}ms&format=json"
+        );
+        let want = api_facts(&gw, token, &q, step.parse()?)?;
+        got = chart_facts(&b, "readings-charts")?;
+        let astep = field("astep");
+        let qa = format!(
+            "/api/v1/aggregates?device={device}&from={from}&to={to}&window={}ms&step={astep}ms\
+             &format=json",
+            field("window")
+        );
+        let want_a = api_facts(&gw, token, &qa, astep.parse()?)?;
+        let got_a = chart_facts(&b, "aggregate-charts")?;
+        // The view must not have been redrawn while we compared.
+        let again = wait_until_view(&b, ended)?;
+        if again["updated"] != view["updated"] {
+            return Ok(false);
+        }
+        anyhow::ensure!(!want.is_empty(), "no readings stored for {q}");
+        last = format!(
+            "readings charts {got:?} vs {q} {want:?}; aggregate charts {got_a:?} vs {qa} {want_a:?}"
+        );
+        Ok(got == want && !want_a.is_empty() && got_a == want_a)
+    });
+    agreed.with_context(|| last.clone())?;
 
     // The screenshot shows the charts: the series colours fill many pixels of that section.
     let png = b.screenshot()?;

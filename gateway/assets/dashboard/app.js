@@ -20,7 +20,8 @@ const state = {
   prev: null,        // the previous overview sample, for rates
   rates: [],         // [t, readings/s] over the last five minutes
   nextCharts: 0,     // when the device charts are due for a refresh (ms)
-  charting: false,
+  charting: false,   // a drawing is fetching
+  redraw: false,     // another was asked for meanwhile
 };
 
 function fragment() {
@@ -234,27 +235,36 @@ function stepFor(range, multipleOf) {
 }
 
 async function drawCharts() {
-  if (state.device === null || state.charting) return;
-  const d = state.devices.find((x) => x.id === state.device);
-  $('device-title').textContent = d ? `Device ${d.id} · ${d.name}` : `Device ${state.device}`;
+  if (state.device === null) return;
+  if (state.charting) {
+    // A choice made while a fetch runs is drawn right after it.
+    state.redraw = true;
+    return;
+  }
+  // What this drawing shows, fixed now: the user may choose another device meanwhile.
+  const device = state.device, range = state.range, win = state.window;
+  const d = state.devices.find((x) => x.id === device);
+  $('device-title').textContent = d ? `Device ${d.id} · ${d.name}` : `Device ${device}`;
   state.charting = true;
+  state.redraw = false;
   try {
-    const to = Date.now(), from = to - state.range;
-    const step = stepFor(state.range);
-    const q = `device=${state.device}&from=${from}&to=${to}&format=json`;
+    const to = Date.now(), from = to - range;
+    const step = stepFor(range);
+    const q = `device=${device}&from=${from}&to=${to}&format=json`;
     const readings = await api(`/api/v1/readings?${q}&step=${step}ms`);
-    chartsBySensor($('readings-charts'), readings, from, to, 'readings');
     let windows = [], astep = null;
-    if (state.window) {
-      astep = stepFor(state.range, state.window);
-      windows = await api(`/api/v1/aggregates?${q}&window=${state.window}ms&step=${astep}ms`);
+    if (win) {
+      astep = stepFor(range, win);
+      windows = await api(`/api/v1/aggregates?${q}&window=${win}ms&step=${astep}ms`);
     }
+    if (device !== state.device || range !== state.range || win !== state.window) return;
+    chartsBySensor($('readings-charts'), readings, from, to, 'readings');
     chartsBySensor($('aggregate-charts'), windows, from, to, 'aggregates');
     const n = readings.reduce((a, r) => a + r.count, 0);
     $('device-status').textContent = `${num(n)} readings, ${num(windows.length)} windows shown · updated ${new Date().toLocaleTimeString()}`;
     // What is shown, for scripts and tests: the query behind the charts.
     Object.assign($('device-view').dataset, {
-      device: state.device, from, to, step, window: state.window || '', astep: astep || '', updated: Date.now(),
+      device, from, to, step, window: win || '', astep: astep || '', updated: Date.now(),
     });
     // Refresh about once per bucket, at most every poll.
     state.nextCharts = Date.now() + Math.max(POLL_MS, step);
@@ -263,6 +273,10 @@ async function drawCharts() {
     $('device-status').textContent = `could not load: ${e.message}`;
   } finally {
     state.charting = false;
+    if (state.redraw) {
+      state.redraw = false;
+      setTimeout(drawCharts, 0);
+    }
   }
 }
 

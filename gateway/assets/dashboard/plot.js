@@ -80,14 +80,19 @@ const Plot = (() => {
       'data-points': count, 'data-last-ts': last === null ? '' : last,
     });
     const grid = node('g', { class: 'grid' }, svg);
-    for (let v = lo; v <= hi + vstep / 2; v += vstep) {
+    // Counted, not accumulated: a step below the float spacing of the values (readings near
+    // 1e16 that differ by units) must not loop for ever.
+    const vticks = Math.round((hi - lo) / vstep);
+    for (let i = 0; Number.isFinite(vticks) && vticks <= 50 && i <= vticks; i++) {
+      const v = lo + i * vstep;
       node('line', { x1: m.left, x2: m.left + w, y1: y(v), y2: y(v) }, grid);
       node('text', { x: m.left - 6, y: y(v) + 4, 'text-anchor': 'end' }, grid)
         .textContent = valueLabel(v, vstep);
     }
     const tstep = timeStep(to - from, Math.max(2, Math.floor(w / 90)));
     const offset = new Date(from).getTimezoneOffset() * MINUTE;
-    for (let t = Math.ceil((from - offset) / tstep) * tstep + offset; t <= to; t += tstep) {
+    const t0 = Math.ceil((from - offset) / tstep) * tstep + offset;
+    for (let i = 0, t = t0; t <= to && i <= 100; i++, t = t0 + i * tstep) {
       node('line', { x1: x(t), x2: x(t), y1: m.top, y2: m.top + h }, grid);
       node('text', { x: x(t), y: height - 6, 'text-anchor': 'middle' }, grid)
         .textContent = timeLabel(t, tstep);

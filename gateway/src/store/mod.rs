@@ -227,7 +227,9 @@ impl WriteTurn {
         if !self.want.load(Acquire) {
             return;
         }
-        self.parked.notify_one();
+        // Wakes the taker registered before it asked; never stores a permit that a later
+        // turn would take for a parked writer.
+        self.parked.notify_waiters();
         let _ = tokio::time::timeout(Duration::from_millis(500), done).await;
     }
 
@@ -249,12 +251,12 @@ impl WriteTurn {
                 self.0.done.notify_waiters();
             }
         }
-        self.want.store(true, std::sync::atomic::Ordering::Release);
-        let _end = EndTurn(self);
+        // Registered before asking: a writer that sees the request finds the waiter.
         let parked = self.parked.notified();
         tokio::pin!(parked);
         parked.as_mut().enable();
-        // Registered first: a writer that parks after this check is seen.
+        self.want.store(true, std::sync::atomic::Ordering::Release);
+        let _end = EndTurn(self);
         if self.busy.load(std::sync::atomic::Ordering::Acquire) {
             let _ = tokio::time::timeout(Duration::from_millis(200), parked).await;
         }
