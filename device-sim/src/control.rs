@@ -90,6 +90,24 @@ impl LiveConfig {
         }
     }
 
+    /// A configuration with the given sensors on (ids outside 1..=64 are left out; none
+    /// left: the four model sensors).
+    pub fn with_sensors(
+        period: std::time::Duration,
+        batch: u64,
+        sensors: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        let c = Self::new(period, batch);
+        let mask = sensors
+            .into_iter()
+            .filter(|s| (1..=64).contains(s))
+            .fold(0u64, |m, s| m | 1 << (s - 1));
+        if mask != 0 {
+            c.sensors.store(mask, Relaxed);
+        }
+        c
+    }
+
     /// The enabled sensor ids, ascending.
     pub fn sensor_ids(&self) -> Vec<u16> {
         let mask = self.sensors.load(Relaxed);

@@ -1,5 +1,6 @@
-//! One simulated device as a state machine: it generates batches from its sensor model, seals
-//! them with its key and sequence counter, passes each transmission through the fault injector
+//! One simulated device as a state machine: it generates batches from its sensor model (or takes
+//! them from a recording being replayed), seals them with its key and sequence counter, passes
+//! each transmission through the fault injector (whose probabilities may follow a schedule)
 //! and (with acks on) keeps what the gateway has not acknowledged for retransmission, a bounded
 //! number of times. It does no I/O: what it wants sent goes into an [`Out`] list that its
 //! group (`group.rs`) sends, and the group decides when it is time to send or retransmit.
@@ -16,12 +17,17 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
 
-use crate::model::SensorModel;
+use crate::model::{SensorModel, SensorSpec};
+use crate::replay::Queue;
 use crate::report::{DeviceReport, Progress};
+use crate::scenario::{FaultWindow, faults_at};
 use crate::{Faults, SentReading};
 
 /// How many past datagrams a device keeps for replay faults.
 const REPLAY_HISTORY: usize = 512;
+
+/// How long a replaying device waits before trying again when its sequence lease ran out.
+const LEASE_RETRY: Duration = Duration::from_millis(100);
 
 /// Datagrams to send, in order.
 pub(crate) type Out = Vec<Vec<u8>>;
@@ -36,17 +42,30 @@ pub(crate) struct DeviceSpec {
     pub next_seq: Arc<AtomicU64>,
     /// First sequence number not yet leased in the fleet file: never used.
     pub seq_limit: Arc<AtomicU64>,
+    /// Recorded readings to send instead of the sensor model's.
+    pub replay: Option<Queue>,
 }
 
-/// Timing and behaviour shared by every device of a run.
+/// Timing and behaviour shared by every device of a group.
 #[derive(Clone)]
 pub(crate) struct Behaviour {
+    /// The group's name in the report (scenarios).
+    pub group: Option<Arc<str>>,
     pub period: Duration,
     pub batch: usize,
+    /// Sensors and their models.
+    pub sensors: Arc<[SensorSpec]>,
     pub ack: bool,
     pub retries: u32,
     pub ack_timeout: Duration,
+    /// Fault probabilities outside the schedule's windows.
     pub faults: Faults,
+    /// Fault windows, by time since `start`.
+    pub schedule: Arc<[FaultWindow]>,
+    /// When the run started (the schedule's origin).
+    pub start: Instant,
+    /// Replay: most datagrams a device keeps waiting for an ack before it sends more.
+    pub window: usize,
     pub keep_readings: bool,
     pub progress: Arc<Progress>,
     pub control: Option<crate::control::ControlTarget>,
@@ -74,11 +93,35 @@ pub(crate) enum Retransmit {
     Stale,
 }
 
+/// What a device does after a send.
+pub(crate) enum Next {
+    /// Send again at this time.
+    At(Instant),
+    /// Replay: too many datagrams wait for an ack; ask again when one settles.
+    Blocked,
+    /// Replay: everything is sent.
+    Done,
+}
+
+/// Where readings come from.
+enum Source {
+    /// A sensor model with its own random stream, so the signal a seed gives does not depend
+    /// on how many fault draws or retransmissions came before.
+    Model(SensorModel, SmallRng),
+    /// Recorded readings.
+    Replay(Queue),
+}
+
 pub(crate) struct Device {
     pub(crate) spec: DeviceSpec,
     b: Behaviour,
+    /// Phases and faults.
     rng: SmallRng,
-    model: SensorModel,
+    source: Source,
+    /// Replay: the last send made no progress (sequence lease); retry shortly.
+    stalled: bool,
+    /// Replay: waiting for an ack before sending more.
+    blocked: bool,
     seq: u64,
     pending: HashMap<u64, Pending>,
     held: Option<Vec<u8>>,
@@ -104,22 +147,35 @@ fn now_ms() -> u64 {
 }
 
 impl Device {
-    pub(crate) fn new(spec: DeviceSpec, keys: Arc<crate::keys::KeyRing>, b: Behaviour) -> Self {
-        let mut rng = SmallRng::seed_from_u64(
-            spec.seed ^ u64::from(spec.id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let model = SensorModel::new(&mut rng);
+    pub(crate) fn new(mut spec: DeviceSpec, keys: Arc<crate::keys::KeyRing>, b: Behaviour) -> Self {
+        let stream = spec.seed ^ u64::from(spec.id.0).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let rng = SmallRng::seed_from_u64(stream);
+        let source = match spec.replay.take() {
+            Some(queue) => Source::Replay(queue),
+            None => {
+                let mut signal = SmallRng::seed_from_u64(stream ^ 0x5167_4E41_4C00_0001);
+                let model = SensorModel::with_sensors(&b.sensors, &mut signal);
+                Source::Model(model, signal)
+            }
+        };
         let seq = spec.first_seq;
-        let live = Arc::new(crate::control::LiveConfig::new(b.period, b.batch as u64));
+        let live = Arc::new(crate::control::LiveConfig::with_sensors(
+            b.period,
+            b.batch as u64,
+            b.sensors.iter().map(|s| s.id),
+        ));
         let report = DeviceReport {
             id: spec.id.0,
+            group: b.group.as_deref().map(str::to_owned),
             ..Default::default()
         };
         Self {
             spec,
             b,
             rng,
-            model,
+            source,
+            stalled: false,
+            blocked: false,
             seq,
             pending: HashMap::new(),
             held: None,
@@ -144,9 +200,63 @@ impl Device {
         }
     }
 
-    /// A random offset within one period, so a fleet does not send in lockstep.
-    pub(crate) fn phase(&mut self) -> Duration {
-        self.b.period.mul_f64(self.rng.random_range(0.0..1.0))
+    /// When to send first: a random offset within one period, so a fleet does not send in
+    /// lockstep; a replaying device when its first reading is due (None: it has none).
+    pub(crate) fn first_send(&mut self, start: Instant) -> Option<Instant> {
+        match &self.source {
+            Source::Replay(q) => q.next_due(),
+            Source::Model(..) => {
+                Some(start + self.b.period.mul_f64(self.rng.random_range(0.0..1.0)))
+            }
+        }
+    }
+
+    /// When to send next, after a send planned for `at` ran at `now`.
+    pub(crate) fn next_send(&mut self, at: Instant, now: Instant) -> Next {
+        match &self.source {
+            Source::Model(..) => {
+                // Catch up on a late wake of less than a period; after a longer stall, start
+                // again from now rather than sending a burst.
+                let period = self.period();
+                let mut next = at + period;
+                if next + period <= now {
+                    next = now + period;
+                }
+                Next::At(next)
+            }
+            Source::Replay(q) => {
+                let Some(due) = q.next_due() else {
+                    return Next::Done;
+                };
+                if self.stalled {
+                    self.stalled = false;
+                    return Next::At(now + LEASE_RETRY);
+                }
+                if self.b.ack && self.pending.len() >= self.b.window {
+                    self.blocked = true;
+                    return Next::Blocked;
+                }
+                Next::At(due)
+            }
+        }
+    }
+
+    /// A replaying device that was blocked and may send again now that an ack settled (or a
+    /// datagram was given up).
+    pub(crate) fn unblocked(&mut self) -> bool {
+        if self.blocked && self.pending.len() < self.b.window {
+            self.blocked = false;
+            return true;
+        }
+        false
+    }
+
+    /// The faults in force now; None while the device is silent.
+    fn faults_now(&self, now: Instant) -> Option<Faults> {
+        if self.b.schedule.is_empty() {
+            return Some(self.b.faults.clone());
+        }
+        faults_at(&self.b.faults, &self.b.schedule, now - self.b.start).cloned()
     }
 
     /// The current sending period (control commands may change it).
@@ -161,33 +271,63 @@ impl Device {
             // The lease could not be renewed (or the counter is exhausted): skip rather than
             // risk reusing a sequence number after a crash.
             self.report.lease_waits += 1;
+            self.stalled = true;
             return None;
         }
+        let Some(faults) = self.faults_now(now) else {
+            // Silent: as if switched off, nothing is generated.
+            self.report.faults.silenced += 1;
+            return None;
+        };
         self.refresh_key();
+        let n = (self.live.batch.load(Relaxed) as usize).clamp(1, proto::MAX_READINGS);
+        let readings = match &mut self.source {
+            Source::Model(model, signal) => {
+                let wall = now_ms();
+                let mut sensors = self.live.sensor_ids();
+                if sensors.is_empty() {
+                    // `LiveConfig` never stores an empty set; stay safe if that ever changes.
+                    sensors.push(1);
+                }
+                let spacing = self.live.period_us.load(Relaxed) as f64 / 1000.0 / n as f64;
+                let mut readings = Vec::with_capacity(n);
+                for i in 0..n {
+                    let back = ((n - 1 - i) as f64 * spacing) as u64;
+                    let ts = wall.saturating_sub(back);
+                    let sensor = sensors[(self.sample_index % sensors.len() as u64) as usize];
+                    self.sample_index += 1;
+                    let value = model.sample(sensor, ts, signal);
+                    readings.push(Reading {
+                        sensor: SensorId(sensor),
+                        ts: Millis(ts),
+                        value,
+                    });
+                }
+                readings
+            }
+            Source::Replay(q) => {
+                let mut readings = Vec::with_capacity(n);
+                while readings.len() < n
+                    && let Some(r) = q.readings.get(q.next)
+                    && q.clock.due(r.ts_ms) <= now
+                {
+                    readings.push(Reading {
+                        sensor: SensorId(r.sensor),
+                        ts: Millis(q.clock.stamp(r.ts_ms)),
+                        value: r.value,
+                    });
+                    q.next += 1;
+                }
+                if readings.is_empty() {
+                    return None;
+                }
+                readings
+            }
+        };
+        let n = readings.len();
         let seq = self.seq;
         self.seq += 1;
         self.spec.next_seq.store(self.seq, Relaxed);
-        let wall = now_ms();
-        let n = (self.live.batch.load(Relaxed) as usize).clamp(1, proto::MAX_READINGS);
-        let mut sensors = self.live.sensor_ids();
-        if sensors.is_empty() {
-            // `LiveConfig` never stores an empty set; stay safe if that ever changes.
-            sensors.push(1);
-        }
-        let spacing = self.live.period_us.load(Relaxed) as f64 / 1000.0 / n as f64;
-        let mut readings = Vec::with_capacity(n);
-        for i in 0..n {
-            let back = ((n - 1 - i) as f64 * spacing) as u64;
-            let ts = wall.saturating_sub(back);
-            let sensor = sensors[(self.sample_index % sensors.len() as u64) as usize];
-            self.sample_index += 1;
-            let value = self.model.sample(sensor, ts, &mut self.rng);
-            readings.push(Reading {
-                sensor: SensorId(sensor),
-                ts: Millis(ts),
-                value,
-            });
-        }
         let header = Header {
             flags: Flags(if self.b.ack { Flags::ACK_REQUESTED } else { 0 }),
             device: self.spec.id,
@@ -218,17 +358,14 @@ impl Device {
         self.b.progress.datagrams_sent.fetch_add(1, Relaxed);
         self.b.progress.readings_sent.fetch_add(n as u64, Relaxed);
         let bytes = sealed.0;
-        self.transmit(&bytes, out);
-        if self.b.faults.replay > 0.0
-            && !self.history.is_empty()
-            && self.rng.random_bool(self.b.faults.replay)
-        {
+        self.transmit(&faults, &bytes, out);
+        if faults.replay > 0.0 && !self.history.is_empty() && self.rng.random_bool(faults.replay) {
             let i = self.rng.random_range(0..self.history.len());
             let old = self.history[i].clone();
             self.report.faults.replayed += 1;
             out.push(old);
         }
-        if self.b.faults.replay > 0.0 {
+        if self.b.faults.replay > 0.0 || self.b.schedule.iter().any(|w| w.faults.replay > 0.0) {
             if self.history.len() == REPLAY_HISTORY {
                 self.history.pop_front();
             }
@@ -251,7 +388,13 @@ impl Device {
     }
 
     /// The ack timeout of datagram `seq`, scheduled after its `tries`-th transmission, ran out.
-    pub(crate) fn retransmit(&mut self, seq: u64, tries: u32, out: &mut Out) -> Retransmit {
+    pub(crate) fn retransmit(
+        &mut self,
+        seq: u64,
+        tries: u32,
+        now: Instant,
+        out: &mut Out,
+    ) -> Retransmit {
         self.refresh_key();
         let Some(p) = self.pending.get_mut(&seq) else {
             return Retransmit::Stale;
@@ -282,8 +425,14 @@ impl Device {
         p.tries += 1;
         let tries = p.tries;
         let bytes = p.bytes.clone();
-        self.report.retransmissions += 1;
-        self.transmit(&bytes, out);
+        match self.faults_now(now) {
+            Some(faults) => {
+                self.report.retransmissions += 1;
+                self.transmit(&faults, &bytes, out);
+            }
+            // A silent device sends nothing; the try still counts towards giving up.
+            None => self.report.faults.silenced += 1,
+        }
         Retransmit::Again(tries)
     }
 
@@ -329,8 +478,7 @@ impl Device {
     }
 
     /// One transmission through the fault injector.
-    fn transmit(&mut self, bytes: &[u8], out: &mut Out) {
-        let f = &self.b.faults;
+    fn transmit(&mut self, f: &Faults, bytes: &[u8], out: &mut Out) {
         if f.corrupt > 0.0 && self.rng.random_bool(f.corrupt) {
             let mut copy = bytes.to_vec();
             let bit = self.rng.random_range(0..copy.len() * 8);

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::SentReading;
-use crate::device::{Behaviour, Device, Out, Retransmit};
+use crate::device::{Behaviour, Device, Next, Out, Retransmit};
 use crate::report::DeviceReport;
 
 /// Most acks read from the socket in one wake before timers get their turn.
@@ -38,6 +38,8 @@ pub(crate) struct Group {
     deadlines: VecDeque<(Instant, usize, u64, u32)>,
     /// Datagrams of all devices waiting for an ack.
     in_flight: usize,
+    /// Devices that still have something to send (replaying devices finish).
+    active: usize,
     b: Behaviour,
     out: Out,
 }
@@ -56,6 +58,7 @@ impl Group {
             sends: BinaryHeap::new(),
             deadlines: VecDeque::new(),
             in_flight: 0,
+            active: 0,
             b,
             out: Vec::new(),
         }
@@ -111,8 +114,10 @@ impl Group {
     async fn telemetry(&mut self, until: Option<Instant>, cancel: &CancellationToken) {
         let start = Instant::now();
         for i in 0..self.devices.len() {
-            let at = start + self.devices[i].phase();
-            self.sends.push(Reverse((at, i)));
+            if let Some(at) = self.devices[i].first_send(start) {
+                self.sends.push(Reverse((at, i)));
+                self.active += 1;
+            }
         }
         let mut sending = true;
         let timer = tokio::time::sleep_until(start);
@@ -120,6 +125,14 @@ impl Group {
         let mut armed = start;
         let mut buf = [0u8; 64];
         loop {
+            if sending && self.active == 0 {
+                // Every replaying device has sent its last reading.
+                sending = false;
+                for i in 0..self.devices.len() {
+                    self.devices[i].flush_held(&mut self.out);
+                    self.flush(i).await;
+                }
+            }
             if !sending && self.in_flight == 0 {
                 break;
             }
@@ -156,7 +169,7 @@ impl Group {
                 }
                 ready = self.socket.readable() => {
                     if ready.is_ok() {
-                        self.receive(&mut buf);
+                        self.receive(&mut buf, sending);
                     }
                 }
             }
@@ -180,14 +193,12 @@ impl Group {
                 self.in_flight += 1;
             }
             self.flush(i).await;
-            // Catch up on a late wake of less than a period; after a longer stall, start
-            // again from now rather than sending a burst.
-            let period = self.devices[i].period();
-            let mut next = at + period;
-            if next + period <= now {
-                next = now + period;
+            match self.devices[i].next_send(at, now) {
+                Next::At(next) => self.sends.push(Reverse((next, i))),
+                // Back in `sends` when an ack (or giving up) makes room.
+                Next::Blocked => {}
+                Next::Done => self.active -= 1,
             }
-            self.sends.push(Reverse((next, i)));
         }
     }
 
@@ -197,20 +208,26 @@ impl Group {
                 break;
             }
             self.deadlines.pop_front();
-            match self.devices[i].retransmit(seq, tries, &mut self.out) {
+            match self.devices[i].retransmit(seq, tries, now, &mut self.out) {
                 Retransmit::Again(tries) => {
                     self.deadlines
                         .push_back((now + self.b.ack_timeout, i, seq, tries));
                     self.flush(i).await;
                 }
-                Retransmit::GaveUp => self.in_flight -= 1,
+                Retransmit::GaveUp => {
+                    self.in_flight -= 1;
+                    if self.devices[i].unblocked() {
+                        self.sends.push(Reverse((now, i)));
+                    }
+                }
                 Retransmit::Stale => {}
             }
         }
     }
 
-    /// Reads the acks waiting on the socket, up to a burst.
-    fn receive(&mut self, buf: &mut [u8]) {
+    /// Reads the acks waiting on the socket, up to a burst; a replaying device blocked on its
+    /// window is scheduled again when one of its datagrams settles.
+    fn receive(&mut self, buf: &mut [u8], sending: bool) {
         for _ in 0..RECV_BURST {
             let n = match self.socket.try_recv(buf) {
                 Ok(n) => n,
@@ -225,6 +242,9 @@ impl Group {
             };
             if self.devices[i].on_ack(datagram) {
                 self.in_flight -= 1;
+                if sending && self.devices[i].unblocked() {
+                    self.sends.push(Reverse((Instant::now(), i)));
+                }
             }
         }
     }

@@ -3,13 +3,17 @@
 //! [`run`] plays a fleet: each device with its own sensor model, key and sequence counter,
 //! sending at a fixed rate from its own UDP socket (or one shared by a group of devices),
 //! injecting faults on demand and, with acks on, retransmitting what the gateway has not
-//! acknowledged. It returns a [`Report`] of what was sent and acknowledged, per device. The
-//! `device-sim` binary and `gateway demo` both use it.
+//! acknowledged. A [`scenario`] splits the fleet into groups with their own sensors, rates and
+//! fault schedules; a [`replay`] sends recorded readings instead of modelled ones, paced by
+//! their timestamps. It returns a [`Report`] of what was sent and acknowledged, per device.
+//! The `device-sim` binary and `gateway demo` both use it.
 //!
 //! # Layout
 //! - [`fleet`] — the fleet file (devices, keys, sequence counters).
 //! - `keys`: a device's keys, shared by its telemetry and its control session (rotation).
 //! - [`model`] — sensor signal models (pure, seeded).
+//! - [`scenario`] — scenario files: device groups, sensor models, rates, fault schedules.
+//! - [`replay`] — recorded readings (CSV) and their pacing.
 //! - `device`: one device as a state machine (no I/O).
 //! - `group`: devices sharing a socket and a task, and their timers.
 //! - [`report`] — the report and live progress.
@@ -18,7 +22,9 @@ pub mod control;
 pub mod fleet;
 mod keys;
 pub mod model;
+pub mod replay;
 pub mod report;
+pub mod scenario;
 
 mod device;
 mod group;
@@ -38,7 +44,10 @@ use tokio_util::sync::CancellationToken;
 use crate::device::{Behaviour, Device, DeviceSpec};
 use crate::fleet::{FleetError, FleetFile};
 use crate::group::Group;
+use crate::model::SensorSpec;
+use crate::replay::{Recorded, Recording, Timestamps};
 pub use crate::report::{DeviceReport, FaultCounts, Progress, Report};
+use crate::scenario::DeviceGroup;
 
 /// Probabilities of faults, each per transmission (replay: per datagram generated).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -87,6 +96,28 @@ pub struct SimConfig {
     /// Devices sharing one UDP socket (and one task): 1 gives every device its own address,
     /// as a real fleet has; larger groups cost the simulator less per datagram.
     pub devices_per_socket: usize,
+    /// Scenario groups, each over the next devices of the fleet; when empty, the fleet (or its
+    /// first `devices`) plays `rate`, `batch` and `faults` with the four classic sensors.
+    pub groups: Vec<DeviceGroup>,
+    /// Send recorded readings instead (`rate`, `faults` and `groups` are then unused; `batch`
+    /// is the most readings per datagram).
+    pub replay: Option<ReplayConfig>,
+}
+
+/// A replay of recorded readings.
+#[derive(Debug, Clone)]
+pub struct ReplayConfig {
+    /// The readings.
+    pub recording: Recording,
+    /// Play the recording's devices, in id order, as the fleet's devices in order (otherwise
+    /// each recorded device id must be in the fleet).
+    pub map_devices: bool,
+    /// Recorded time per replayed time (10: ten times faster); 0 sends as fast as acks allow.
+    pub speed: f64,
+    /// What goes in the timestamp field.
+    pub timestamps: Timestamps,
+    /// With acks on, most datagrams a device keeps unacknowledged before sending more.
+    pub window: usize,
 }
 
 impl SimConfig {
@@ -107,8 +138,105 @@ impl SimConfig {
             fleet_path: None,
             control: None,
             devices_per_socket: 1,
+            groups: Vec::new(),
+            replay: None,
         }
     }
+}
+
+/// Checks a group's rate, batch and fault probabilities.
+fn check_group(rate: f64, batch: usize, faults: &Faults) -> Result<(), SimError> {
+    if !(1..=proto::MAX_READINGS).contains(&batch) {
+        return Err(SimError::Invalid(format!(
+            "batch must be 1..={}",
+            proto::MAX_READINGS
+        )));
+    }
+    if !(rate > 0.0 && rate.is_finite()) {
+        return Err(SimError::Invalid("rate must be positive".into()));
+    }
+    for (name, p) in [
+        ("loss", faults.loss),
+        ("dup", faults.dup),
+        ("reorder", faults.reorder),
+        ("corrupt", faults.corrupt),
+        ("replay", faults.replay),
+    ] {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(SimError::Invalid(format!("{name} must be within 0..=1")));
+        }
+    }
+    Ok(())
+}
+
+/// The groups a run plays, in fleet order, as (group, recorded readings per device).
+type Plan = Vec<(DeviceGroup, Option<Vec<Vec<Recorded>>>)>;
+
+/// What each slice of the fleet plays.
+fn plan(cfg: &SimConfig, fleet: &FleetFile) -> Result<Plan, SimError> {
+    if let Some(r) = &cfg.replay {
+        check_group(1.0, cfg.batch, &Faults::default())?;
+        if !(r.speed >= 0.0 && r.speed.is_finite()) {
+            return Err(SimError::Invalid(
+                "speed must be 0 (unpaced) or a positive factor".into(),
+            ));
+        }
+        if r.window == 0 {
+            return Err(SimError::Invalid("window must be at least 1".into()));
+        }
+        let ids: Vec<u32> = fleet.devices.iter().map(|d| d.device_id().0).collect();
+        let mut queues = r
+            .recording
+            .clone()
+            .assign(&ids, r.map_devices)
+            .map_err(SimError::Invalid)?;
+        // Only as far as the last device with readings.
+        let used = queues
+            .iter()
+            .rposition(|q| !q.is_empty())
+            .map_or(0, |i| i + 1);
+        queues.truncate(used);
+        let group = DeviceGroup {
+            name: String::new(),
+            devices: used,
+            rate: 1.0,
+            batch: cfg.batch,
+            sensors: Vec::new(),
+            faults: Faults::default(),
+            schedule: Vec::new(),
+        };
+        return Ok(vec![(group, Some(queues))]);
+    }
+    if cfg.groups.is_empty() {
+        check_group(cfg.rate, cfg.batch, &cfg.faults)?;
+        let count = cfg
+            .devices
+            .unwrap_or(fleet.devices.len())
+            .min(fleet.devices.len());
+        let group = DeviceGroup {
+            name: String::new(),
+            devices: count,
+            rate: cfg.rate,
+            batch: cfg.batch,
+            sensors: SensorSpec::classic(),
+            faults: cfg.faults.clone(),
+            schedule: Vec::new(),
+        };
+        return Ok(vec![(group, None)]);
+    }
+    let wanted: usize = cfg.groups.iter().map(|g| g.devices).sum();
+    if wanted > fleet.devices.len() {
+        return Err(SimError::Invalid(format!(
+            "the scenario plays {wanted} devices but the fleet file holds {}: provision more \
+             (gateway devices provision --count {wanted})",
+            fleet.devices.len()
+        )));
+    }
+    for g in &cfg.groups {
+        check_group(g.rate, g.batch, &g.faults)
+            .map_err(|e| SimError::Invalid(format!("group {:?}: {e}", g.name)))?;
+    }
+    Ok(cfg.groups.iter().map(|g| (g.clone(), None)).collect())
 }
 
 /// One generated reading, as the checker needs it.
@@ -173,57 +301,38 @@ pub async fn run(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<Outcome, SimError> {
-    if !(1..=proto::MAX_READINGS).contains(&cfg.batch) {
-        return Err(SimError::Invalid(format!(
-            "batch must be 1..={}",
-            proto::MAX_READINGS
-        )));
-    }
-    if !(cfg.rate > 0.0 && cfg.rate.is_finite()) {
-        return Err(SimError::Invalid("rate must be positive".into()));
-    }
-    for (name, p) in [
-        ("loss", cfg.faults.loss),
-        ("dup", cfg.faults.dup),
-        ("reorder", cfg.faults.reorder),
-        ("corrupt", cfg.faults.corrupt),
-        ("replay", cfg.faults.replay),
-    ] {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(SimError::Invalid(format!("{name} must be within 0..=1")));
-        }
-    }
-    let count = cfg
-        .devices
-        .unwrap_or(fleet.devices.len())
-        .min(fleet.devices.len());
+    let plan = plan(cfg, &fleet)?;
+    let count: usize = plan.iter().map(|(g, _)| g.devices).sum();
     if count == 0 {
-        return Err(SimError::Invalid("the fleet has no devices".into()));
+        return Err(SimError::Invalid(if cfg.replay.is_some() {
+            "no device of the fleet has recorded readings".into()
+        } else {
+            "the fleet has no devices".into()
+        }));
     }
     if cfg.devices_per_socket == 0 {
         return Err(SimError::Invalid(
             "devices per socket must be at least 1".into(),
         ));
     }
-    let period = Duration::from_secs_f64(cfg.batch as f64 / cfg.rate);
-    let lease = (LEASE_SECS / period.as_secs_f64()).ceil() as u64 + 16;
+    // Sequence numbers each device leases ahead in the fleet file: a minute of datagrams at
+    // its group's rate; a replaying device leases its whole recording (at least one reading
+    // per datagram).
+    let mut leases = Vec::with_capacity(count);
+    for (g, queues) in &plan {
+        match queues {
+            Some(queues) => leases.extend(queues.iter().map(|q| q.len() as u64 + 16)),
+            None => {
+                let period = g.batch as f64 / g.rate;
+                let lease = (LEASE_SECS / period).ceil() as u64 + 16;
+                leases.extend(std::iter::repeat_n(lease, g.devices));
+            }
+        }
+    }
     let progress_handle = progress.clone();
     // Rotated keys are written to the fleet file at once: a device confirms a new key only
     // once it is stored.
     let persist_keys = Arc::new(tokio::sync::Notify::new());
-    let behaviour = Behaviour {
-        period,
-        batch: cfg.batch,
-        ack: cfg.ack,
-        retries: cfg.retries,
-        ack_timeout: cfg.ack_timeout,
-        faults: cfg.faults.clone(),
-        keep_readings: cfg.keep_readings,
-        progress,
-        control: cfg.control.clone(),
-        seed: cfg.seed,
-        persist_keys: cfg.fleet_path.as_ref().map(|_| persist_keys.clone()),
-    };
     let counters: Vec<Arc<AtomicU64>> = fleet.devices[..count]
         .iter()
         .map(|d| Arc::new(AtomicU64::new(d.next_seq)))
@@ -245,10 +354,16 @@ pub async fn run(
         .map(|d| Ok(Arc::new(keys::KeyRing::new(d.device_key()?))))
         .collect::<Result<Vec<_>, FleetError>>()?;
     // Writes counters and keys; returns the install count of each key written.
-    let write_fleet = |fleet: &mut FleetFile, lease: u64| -> Result<(), FleetError> {
+    let write_fleet = |fleet: &mut FleetFile, leased: bool| -> Result<(), FleetError> {
         let mut installed = Vec::with_capacity(rings.len());
-        for ((d, c), ring) in fleet.devices.iter_mut().zip(&counters).zip(&rings) {
-            d.next_seq = c.load(Relaxed) + lease;
+        let all = fleet
+            .devices
+            .iter_mut()
+            .zip(&counters)
+            .zip(&rings)
+            .zip(&leases);
+        for (((d, c), ring), lease) in all {
+            d.next_seq = c.load(Relaxed) + if leased { *lease } else { 0 };
             // The count first: a key installed in between is then only under-reported.
             installed.push(ring.installed());
             d.key = ring.current().to_hex();
@@ -263,7 +378,7 @@ pub async fn run(
     };
     let save_leased = |fleet: &mut FleetFile| -> Result<(), FleetError> {
         if cfg.fleet_path.is_some() {
-            write_fleet(fleet, lease)?;
+            write_fleet(fleet, true)?;
             for (d, l) in fleet.devices.iter().zip(&limits) {
                 l.store(d.next_seq, Relaxed);
             }
@@ -279,23 +394,72 @@ pub async fn run(
     };
     let start = Instant::now();
     let until = cfg.duration.map(|d| start + d);
+    let clock = cfg.replay.as_ref().map(|r| {
+        Arc::new(replay::Clock {
+            start,
+            start_wall_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            first_ts: r.recording.first_ts,
+            last_ts: r.recording.last_ts,
+            speed: r.speed,
+            timestamps: r.timestamps,
+        })
+    });
     let mut set = JoinSet::new();
-    let mut members = Vec::with_capacity(cfg.devices_per_socket.min(count));
-    let devices = fleet.devices[..count].iter().zip(&counters).zip(&limits);
-    for (n, (((d, next_seq), limit), ring)) in devices.zip(&rings).enumerate() {
-        let spec = DeviceSpec {
-            id: d.device_id(),
-            cipher: d.device_key()?.cipher(),
-            first_seq: next_seq.load(Relaxed),
+    let mut devices = fleet.devices[..count]
+        .iter()
+        .zip(&counters)
+        .zip(&limits)
+        .zip(&rings);
+    for (group, queues) in plan {
+        let behaviour = Behaviour {
+            group: (!group.name.is_empty()).then(|| Arc::from(group.name.as_str())),
+            period: Duration::from_secs_f64(group.batch as f64 / group.rate),
+            batch: group.batch,
+            sensors: group.sensors.into(),
+            ack: cfg.ack,
+            retries: cfg.retries,
+            ack_timeout: cfg.ack_timeout,
+            faults: group.faults,
+            schedule: group.schedule.into(),
+            start,
+            window: cfg.replay.as_ref().map_or(usize::MAX, |r| r.window),
+            keep_readings: cfg.keep_readings,
+            progress: progress.clone(),
+            control: cfg.control.clone(),
             seed: cfg.seed,
-            next_seq: next_seq.clone(),
-            seq_limit: limit.clone(),
+            persist_keys: cfg.fleet_path.as_ref().map(|_| persist_keys.clone()),
         };
-        members.push(Device::new(spec, ring.clone(), behaviour.clone()));
-        if members.len() == cfg.devices_per_socket || n + 1 == count {
-            let socket = group_socket(bind, cfg.gateway, members.len()).await?;
-            let group = Group::new(socket, std::mem::take(&mut members), behaviour.clone());
-            set.spawn(group.run(until, cancel.clone()));
+        let mut queues = queues.map(Vec::into_iter);
+        let mut members = Vec::with_capacity(cfg.devices_per_socket.min(group.devices));
+        for n in 0..group.devices {
+            let Some((((d, next_seq), limit), ring)) = devices.next() else {
+                break;
+            };
+            let replay = match (&mut queues, &clock) {
+                (Some(q), Some(clock)) => Some(replay::Queue {
+                    readings: q.next().unwrap_or_default(),
+                    next: 0,
+                    clock: clock.clone(),
+                }),
+                _ => None,
+            };
+            let spec = DeviceSpec {
+                id: d.device_id(),
+                cipher: d.device_key()?.cipher(),
+                first_seq: next_seq.load(Relaxed),
+                seed: cfg.seed,
+                next_seq: next_seq.clone(),
+                seq_limit: limit.clone(),
+                replay,
+            };
+            members.push(Device::new(spec, ring.clone(), behaviour.clone()));
+            if members.len() == cfg.devices_per_socket || n + 1 == group.devices {
+                let socket = group_socket(bind, cfg.gateway, members.len()).await?;
+                let g = Group::new(socket, std::mem::take(&mut members), behaviour.clone());
+                set.spawn(g.run(until, cancel.clone()));
+            }
         }
     }
     let mut reports = Vec::with_capacity(count);
@@ -326,7 +490,7 @@ pub async fn run(
             }
         }
     }
-    write_fleet(&mut fleet, 0)?;
+    write_fleet(&mut fleet, false)?;
     let mut report = Report::from_devices(reports, start.elapsed().as_secs_f64(), cfg.ack);
     report.ack_latency = progress_handle.ack_latency_summary();
     readings.sort_by_key(|r| (r.device, r.seq, r.idx));

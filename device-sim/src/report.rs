@@ -21,6 +21,10 @@ pub struct FaultCounts {
     pub corrupted: u64,
     /// Old datagrams sent again verbatim.
     pub replayed: u64,
+    /// Datagrams not generated and retransmissions not sent because a fault schedule had the
+    /// device silent.
+    #[serde(default)]
+    pub silenced: u64,
 }
 
 impl FaultCounts {
@@ -30,6 +34,7 @@ impl FaultCounts {
         self.reordered += o.reordered;
         self.corrupted += o.corrupted;
         self.replayed += o.replayed;
+        self.silenced += o.silenced;
     }
 }
 
@@ -55,6 +60,9 @@ pub struct FileReport {
 pub struct DeviceReport {
     /// Device id.
     pub id: u32,
+    /// The scenario group it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Distinct datagrams (sequence numbers) generated.
     pub datagrams_sent: u64,
     /// Distinct datagrams acknowledged.
@@ -182,14 +190,61 @@ impl Report {
         let f = &self.faults;
         if *f != FaultCounts::default() {
             s.push_str(&format!(
-                "faults lost {} duplicated {} reordered {} corrupted {} replayed {}\n",
-                f.lost, f.duplicated, f.reordered, f.corrupted, f.replayed
+                "faults lost {} duplicated {} reordered {} corrupted {} replayed {} silenced {}\n",
+                f.lost, f.duplicated, f.reordered, f.corrupted, f.replayed, f.silenced
             ));
+        }
+        for g in self.groups() {
+            s.push_str(&format!(
+                "group {}: {} devices, {} readings sent",
+                g.name, g.devices, g.readings_sent
+            ));
+            if self.ack {
+                s.push_str(&format!(", {} acked", g.readings_acked));
+            }
+            s.push('\n');
         }
         if self.send_errors > 0 {
             s.push_str(&format!("send errors {}\n", self.send_errors));
         }
         s
+    }
+}
+
+/// Totals of one scenario group.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupTotals {
+    /// Group name.
+    pub name: String,
+    /// Devices.
+    pub devices: u64,
+    /// Readings generated.
+    pub readings_sent: u64,
+    /// Readings acknowledged.
+    pub readings_acked: u64,
+}
+
+impl Report {
+    /// Totals per scenario group, in order of first device id (empty without a scenario).
+    pub fn groups(&self) -> Vec<GroupTotals> {
+        let mut out: Vec<GroupTotals> = Vec::new();
+        for d in &self.devices {
+            let Some(name) = &d.group else { continue };
+            let i = match out.iter().position(|g| &g.name == name) {
+                Some(i) => i,
+                None => {
+                    out.push(GroupTotals {
+                        name: name.clone(),
+                        ..Default::default()
+                    });
+                    out.len() - 1
+                }
+            };
+            out[i].devices += 1;
+            out[i].readings_sent += d.readings_sent;
+            out[i].readings_acked += d.readings_acked;
+        }
+        out
     }
 }
 
