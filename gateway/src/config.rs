@@ -62,7 +62,8 @@ pub struct RetentionConfig {
     #[serde(default)]
     pub tiers: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
     /// Largest database (pages in use, bytes): past it the oldest raw readings are deleted,
-    /// then the oldest sent aggregate windows, until it is at 90 % of this. Default: no cap.
+    /// then the oldest sent aggregate windows, until it is at 90 % of this less twice what the
+    /// database grew by between runs lately. Default: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_db_size: Option<ByteSize>,
     /// How often the policy is enforced. Default 1m.

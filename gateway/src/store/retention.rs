@@ -26,6 +26,10 @@ pub struct Policy {
     pub aggregates_ms: Vec<(i64, Option<i64>)>,
     /// Largest database, bytes of pages in use.
     pub max_bytes: Option<u64>,
+    /// Bytes the database may grow by before the next run (twice the most it rose by between
+    /// recent runs): the cap is enforced that much lower, so the file, which keeps its
+    /// largest size, stays under the cap until the next run.
+    pub headroom: u64,
     /// Rows per delete statement.
     pub batch: u32,
     /// Longest a run works towards the size cap before it reports and lets the next run go on
@@ -50,6 +54,7 @@ impl Policy {
                 .map(|w| (ms(*w), r.keep_aggregates(*w).map(ms)))
                 .collect(),
             max_bytes: r.max_db_size.map(|b| b.0),
+            headroom: 0,
             batch: r.batch.max(1),
             cap_budget: Some(r.interval.max(Duration::from_secs(5))),
             counters: None,
@@ -84,6 +89,11 @@ pub struct PruneReport {
     pub used_before: u64,
     /// Bytes of pages in use after.
     pub used_after: u64,
+    /// Size of the database (pages in use and free) before and after: it only grows when the
+    /// pages in use pass it, so a rise marks a new peak.
+    pub size_before: u64,
+    /// Size of the database after.
+    pub size_after: u64,
     /// Whether the size cap could not be met with what may be deleted.
     pub cap_unmet: bool,
 }
@@ -346,7 +356,7 @@ impl Store {
         let devices: Vec<i64> = sqlx::query_scalar("SELECT id FROM devices ORDER BY id")
             .fetch_all(self.pool())
             .await?;
-        r.used_before = self.db_size().await?.0;
+        (r.used_before, r.size_before) = self.db_size().await?;
         if let Some(keep) = policy.readings_ms {
             let cutoff = now_ms.saturating_sub(keep);
             let (n, b) = self.prune_blocks_before(&devices, cutoff, policy).await?;
@@ -368,12 +378,12 @@ impl Store {
                 .await?;
         }
         r.pages_freed += self.incremental_vacuum().await?;
-        r.used_after = self.db_size().await?.0;
+        (r.used_after, r.size_after) = self.db_size().await?;
         Ok(r)
     }
 
     /// Deletes the oldest readings, then the oldest sent windows, until the pages in use are at
-    /// 90 % of `cap`.
+    /// 90 % of `cap` less the expected growth until the next run (at most half the cap).
     async fn enforce_cap(
         &self,
         devices: &[i64],
@@ -382,10 +392,11 @@ impl Store {
         policy: &Policy,
         r: &mut PruneReport,
     ) -> Result<(), StoreError> {
-        if self.db_size().await?.0 <= cap {
+        let limit = cap.saturating_sub(policy.headroom).max(cap / 2);
+        if self.db_size().await?.0 <= limit {
             return Ok(());
         }
-        let target = cap / 10 * 9;
+        let target = limit / 10 * 9;
         let deadline = policy.cap_budget.map(|b| tokio::time::Instant::now() + b);
         while self.db_size().await?.0 > target {
             if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
@@ -529,6 +540,9 @@ async fn pace(took: Duration) {
     tokio::time::sleep((took * 9).clamp(Duration::from_millis(1), Duration::from_secs(2))).await;
 }
 
+/// Growths between runs the size cap's headroom is taken from.
+const GROWTHS_KEPT: usize = 16;
+
 /// Runs the policy every interval until `cancel` fires, counting what it does; takes new
 /// settings from `settings` (SIGHUP) and idles while they enforce nothing.
 pub async fn run(
@@ -539,6 +553,10 @@ pub async fn run(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut closed = false;
+    // Pages in use and size after the last run, and what the database rose by before each of
+    // the last runs: the headroom under the cap allows for twice the largest.
+    let mut last_after: Option<(u64, u64)> = None;
+    let mut growths = std::collections::VecDeque::with_capacity(GROWTHS_KEPT);
     loop {
         let current = settings.borrow_and_update().clone();
         let mut policy = current.policy;
@@ -565,6 +583,23 @@ pub async fn run(
             };
             match pruned {
                 Ok(r) => {
+                    if let Some((used, size)) = last_after {
+                        if growths.len() == GROWTHS_KEPT {
+                            growths.pop_front();
+                        }
+                        // The pages in use now, or the peak they reached since if the database
+                        // grew meanwhile (a merge of staged readings copies before it frees:
+                        // a transient the runs would not see otherwise).
+                        let peak = if r.size_before > size {
+                            r.size_before.max(r.used_before)
+                        } else {
+                            r.used_before
+                        };
+                        growths.push_back(peak.saturating_sub(used));
+                        let most = growths.iter().max().copied().unwrap_or(0);
+                        policy.headroom = most.saturating_mul(2);
+                    }
+                    last_after = Some((r.used_after, r.size_after));
                     counters.retention_runs.fetch_add(1, Relaxed);
                     counters.db_used_bytes.store(r.used_after, Relaxed);
                     if r.readings + r.aggregates > 0 {
