@@ -228,6 +228,10 @@ impl Device {
                 let Some(due) = q.next_due() else {
                     return Next::Done;
                 };
+                if self.seq >= proto::SEQ_LIMIT {
+                    // The sequence counter is exhausted: nothing more can ever be sent.
+                    return Next::Done;
+                }
                 if self.stalled {
                     self.stalled = false;
                     return Next::At(now + LEASE_RETRY);
@@ -308,7 +312,7 @@ impl Device {
             Source::Replay(q) => {
                 let mut readings = Vec::with_capacity(n);
                 while readings.len() < n
-                    && let Some(r) = q.readings.get(q.next)
+                    && let Some(r) = q.peek()
                     && q.clock.due(r.ts_ms) <= now
                 {
                     readings.push(Reading {

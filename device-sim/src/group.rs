@@ -25,6 +25,9 @@ use crate::report::DeviceReport;
 /// Most acks read from the socket in one wake before timers get their turn.
 const RECV_BURST: usize = 256;
 
+/// Most sends in one wake before cancellation and acks get their turn.
+const SEND_BURST: usize = 1024;
+
 /// Devices sharing a socket.
 pub(crate) struct Group {
     socket: UdpSocket,
@@ -180,12 +183,15 @@ impl Group {
         }
     }
 
-    /// Sends for every device whose time has come and schedules its next send.
+    /// Sends for every device whose time has come (at most a burst: an unpaced replay has
+    /// everything due at once, and cancellation must get a look in) and schedules its next send.
     async fn send_due(&mut self, now: Instant) {
+        let mut burst = 0;
         while let Some(&Reverse((at, i))) = self.sends.peek() {
-            if at > now {
+            if at > now || burst == SEND_BURST {
                 break;
             }
+            burst += 1;
             self.sends.pop();
             if let Some(seq) = self.devices[i].send_next(now, &mut self.out) {
                 self.deadlines

@@ -45,7 +45,7 @@ use crate::device::{Behaviour, Device, DeviceSpec};
 use crate::fleet::{FleetError, FleetFile};
 use crate::group::Group;
 use crate::model::SensorSpec;
-use crate::replay::{Recorded, Recording, Timestamps};
+use crate::replay::{Recording, Timestamps};
 pub use crate::report::{DeviceReport, FaultCounts, Progress, Report};
 use crate::scenario::DeviceGroup;
 
@@ -107,8 +107,8 @@ pub struct SimConfig {
 /// A replay of recorded readings.
 #[derive(Debug, Clone)]
 pub struct ReplayConfig {
-    /// The readings.
-    pub recording: Recording,
+    /// The readings (shared by the devices that play them, never copied).
+    pub recording: Arc<Recording>,
     /// Play the recording's devices, in id order, as the fleet's devices in order (otherwise
     /// each recorded device id must be in the fleet).
     pub map_devices: bool,
@@ -169,33 +169,30 @@ fn check_group(rate: f64, batch: usize, faults: &Faults) -> Result<(), SimError>
     Ok(())
 }
 
-/// The groups a run plays, in fleet order, as (group, recorded readings per device).
-type Plan = Vec<(DeviceGroup, Option<Vec<Vec<Recorded>>>)>;
+/// The groups a run plays, in fleet order, as (group, recorded device each device plays).
+type Plan = Vec<(DeviceGroup, Option<Vec<Option<u32>>>)>;
 
 /// What each slice of the fleet plays.
 fn plan(cfg: &SimConfig, fleet: &FleetFile) -> Result<Plan, SimError> {
     if let Some(r) = &cfg.replay {
         check_group(1.0, cfg.batch, &Faults::default())?;
-        if !(r.speed >= 0.0 && r.speed.is_finite()) {
-            return Err(SimError::Invalid(
-                "speed must be 0 (unpaced) or a positive factor".into(),
-            ));
+        if !(r.speed == 0.0 || (r.speed >= replay::MIN_SPEED && r.speed.is_finite())) {
+            return Err(SimError::Invalid(format!(
+                "speed must be 0 (unpaced) or a factor of at least {}",
+                replay::MIN_SPEED
+            )));
         }
         if r.window == 0 {
             return Err(SimError::Invalid("window must be at least 1".into()));
         }
         let ids: Vec<u32> = fleet.devices.iter().map(|d| d.device_id().0).collect();
-        let mut queues = r
+        let mut plays = r
             .recording
-            .clone()
             .assign(&ids, r.map_devices)
             .map_err(SimError::Invalid)?;
         // Only as far as the last device with readings.
-        let used = queues
-            .iter()
-            .rposition(|q| !q.is_empty())
-            .map_or(0, |i| i + 1);
-        queues.truncate(used);
+        let used = plays.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+        plays.truncate(used);
         let group = DeviceGroup {
             name: String::new(),
             devices: used,
@@ -205,7 +202,7 @@ fn plan(cfg: &SimConfig, fleet: &FleetFile) -> Result<Plan, SimError> {
             faults: Faults::default(),
             schedule: Vec::new(),
         };
-        return Ok(vec![(group, Some(queues))]);
+        return Ok(vec![(group, Some(plays))]);
     }
     if cfg.groups.is_empty() {
         check_group(cfg.rate, cfg.batch, &cfg.faults)?;
@@ -321,7 +318,16 @@ pub async fn run(
     let mut leases = Vec::with_capacity(count);
     for (g, queues) in &plan {
         match queues {
-            Some(queues) => leases.extend(queues.iter().map(|q| q.len() as u64 + 16)),
+            Some(plays) => {
+                let recording = cfg.replay.as_ref().map(|r| &r.recording);
+                leases.extend(plays.iter().map(|p| {
+                    let n = match (recording, p) {
+                        (Some(rec), Some(id)) => rec.device(*id).len(),
+                        _ => 0,
+                    };
+                    n as u64 + 16
+                }));
+            }
             None => {
                 let period = g.batch as f64 / g.rate;
                 let lease = (LEASE_SECS / period).ceil() as u64 + 16;
@@ -431,15 +437,16 @@ pub async fn run(
             seed: cfg.seed,
             persist_keys: cfg.fleet_path.as_ref().map(|_| persist_keys.clone()),
         };
-        let mut queues = queues.map(Vec::into_iter);
+        let mut plays = queues.map(Vec::into_iter);
         let mut members = Vec::with_capacity(cfg.devices_per_socket.min(group.devices));
         for n in 0..group.devices {
             let Some((((d, next_seq), limit), ring)) = devices.next() else {
                 break;
             };
-            let replay = match (&mut queues, &clock) {
-                (Some(q), Some(clock)) => Some(replay::Queue {
-                    readings: q.next().unwrap_or_default(),
+            let replay = match (&mut plays, &clock, &cfg.replay) {
+                (Some(p), Some(clock), Some(r)) => Some(replay::Queue {
+                    recording: r.recording.clone(),
+                    plays: p.next().flatten(),
                     next: 0,
                     clock: clock.clone(),
                 }),

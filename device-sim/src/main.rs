@@ -292,8 +292,14 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     cfg.duration = None;
     cfg.batch = args.batch;
     let devices = recording.devices.len();
+    if args.speed == 0.0 && !args.common.ack {
+        eprintln!(
+            "warning: an unpaced replay without --ack sends everything at once; datagrams the \
+             gateway's receive buffer cannot hold are lost and not sent again"
+        );
+    }
     cfg.replay = Some(ReplayConfig {
-        recording,
+        recording: Arc::new(recording),
         map_devices: args.map_devices,
         speed: args.speed,
         timestamps: match args.timestamps {

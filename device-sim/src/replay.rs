@@ -122,6 +122,12 @@ impl Recording {
             let ts = parse_time(t).ok_or_else(|| {
                 format!("line {line}: time {t:?} is neither milliseconds nor an RFC 3339 time")
             })?;
+            if ts > LATEST_TS {
+                return Err(format!(
+                    "line {line}: time {t} is after the year 9999 in milliseconds: are these \
+                     microseconds or nanoseconds?"
+                ));
+            }
             let v = field(value, "value")?;
             let value = if v.is_empty() || v.eq_ignore_ascii_case("nan") {
                 f64::NAN
@@ -149,14 +155,15 @@ impl Recording {
         Ok(rec)
     }
 
-    /// The readings of each fleet device (by position in `fleet_ids`), empty for devices the
-    /// recording does not mention. With `map`, the recording's devices are taken in ascending
-    /// id order onto the fleet's devices in order; otherwise each must be in the fleet.
+    /// The recorded device each fleet device (by position in `fleet_ids`) plays, None for
+    /// devices the recording does not mention. With `map`, the recording's devices are taken in
+    /// ascending id order onto the fleet's devices in order; otherwise each must be in the
+    /// fleet.
     ///
     /// # Errors
     /// A recorded device that is not in the fleet, or more devices than the fleet holds.
-    pub fn assign(self, fleet_ids: &[u32], map: bool) -> Result<Vec<Vec<Recorded>>, String> {
-        let mut queues = vec![Vec::new(); fleet_ids.len()];
+    pub fn assign(&self, fleet_ids: &[u32], map: bool) -> Result<Vec<Option<u32>>, String> {
+        let mut plays = vec![None; fleet_ids.len()];
         if map {
             if self.devices.len() > fleet_ids.len() {
                 return Err(format!(
@@ -167,14 +174,14 @@ impl Recording {
                     self.devices.len()
                 ));
             }
-            for (q, (_, list)) in queues.iter_mut().zip(self.devices) {
-                *q = list;
+            for (p, &id) in plays.iter_mut().zip(self.devices.keys()) {
+                *p = Some(id);
             }
-            return Ok(queues);
+            return Ok(plays);
         }
         let position: BTreeMap<u32, usize> =
             fleet_ids.iter().enumerate().map(|(i, &d)| (d, i)).collect();
-        for (device, list) in self.devices {
+        for &device in self.devices.keys() {
             let Some(&i) = position.get(&device) else {
                 return Err(format!(
                     "device {device} of the recording is not in the fleet file: replay into a \
@@ -182,9 +189,14 @@ impl Recording {
                      as the fleet's"
                 ));
             };
-            queues[i] = list;
+            plays[i] = Some(device);
         }
-        Ok(queues)
+        Ok(plays)
+    }
+
+    /// The readings of recorded device `id`, in time order.
+    pub fn device(&self, id: u32) -> &[Recorded] {
+        self.devices.get(&id).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -198,6 +210,16 @@ fn parse_time(t: &str) -> Option<u64> {
         .ok()
         .map(|d| d.as_millis() as u64)
 }
+
+/// Latest a reading is ever scheduled after the start (a century).
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// The latest timestamp accepted: the end of year 9999, in ms. Anything later is most likely
+/// microseconds or nanoseconds.
+const LATEST_TS: u64 = 253_402_300_799_999;
+
+/// The slowest replay speed accepted.
+pub const MIN_SPEED: f64 = 1e-3;
 
 /// How a replay is paced, shared by its devices.
 #[derive(Debug, Clone)]
@@ -217,7 +239,11 @@ impl Clock {
     pub fn due(&self, ts: u64) -> Instant {
         if self.speed > 0.0 {
             let ms = ts.saturating_sub(self.first_ts) as f64 / self.speed;
-            self.start + Duration::from_secs_f64(ms / 1000.0)
+            // Checked speeds keep this within a few thousand years; saturate rather than panic.
+            let after = Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(LONGEST);
+            self.start
+                .checked_add(after.min(LONGEST))
+                .unwrap_or(self.start)
         } else {
             self.start
         }
@@ -227,9 +253,9 @@ impl Clock {
     pub fn stamp(&self, ts: u64) -> u64 {
         match self.timestamps {
             Timestamps::Keep => ts,
-            Timestamps::Shift if self.speed > 0.0 => {
-                self.start_wall_ms + (ts.saturating_sub(self.first_ts) as f64 / self.speed) as u64
-            }
+            Timestamps::Shift if self.speed > 0.0 => self
+                .start_wall_ms
+                .saturating_add((ts.saturating_sub(self.first_ts) as f64 / self.speed) as u64),
             Timestamps::Shift => self
                 .start_wall_ms
                 .saturating_sub(self.last_ts.saturating_sub(ts)),
@@ -237,20 +263,27 @@ impl Clock {
     }
 }
 
-/// One device's recorded readings and how far it has sent them.
+/// One device's recorded readings (shared with the whole recording, not copied) and how far
+/// it has sent them.
 #[derive(Debug)]
 pub(crate) struct Queue {
-    pub readings: Vec<Recorded>,
+    pub recording: Arc<Recording>,
+    /// The recorded device it plays (None: a fleet device the recording does not mention).
+    pub plays: Option<u32>,
     pub next: usize,
     pub clock: Arc<Clock>,
 }
 
 impl Queue {
+    /// The next reading to send.
+    pub fn peek(&self) -> Option<Recorded> {
+        let id = self.plays?;
+        self.recording.device(id).get(self.next).copied()
+    }
+
     /// When the next reading is due; None when all are sent.
     pub fn next_due(&self) -> Option<Instant> {
-        self.readings
-            .get(self.next)
-            .map(|r| self.clock.due(r.ts_ms))
+        self.peek().map(|r| self.clock.due(r.ts_ms))
     }
 }
 
@@ -270,7 +303,7 @@ mod tests {
             (r.first_ts, r.last_ts),
             (1_764_000_000_000, 1_764_000_001_000)
         );
-        let seven = &r.devices[&7];
+        let seven = r.device(7);
         // Sorted by time within the device.
         assert_eq!(seven[0].sensor, 2);
         assert!(seven[0].value.is_nan());
@@ -284,12 +317,12 @@ mod tests {
         );
         let log = "device,seq,idx,sensor,ts_ms,value,acked\n4,0,0,3,1000,1013.25,true\n";
         let r = Recording::parse(log.as_bytes())?;
-        assert_eq!(r.devices[&4][0].value, 1013.25);
+        assert_eq!(r.device(4)[0].value, 1013.25);
         // RFC 3339 only, with spaces around fields, empty value = missing.
         let plain = "Device, Sensor, Time, Value\n 5 , 1 , 2026-01-01T00:00:00Z , \n";
         let r = Recording::parse(plain.as_bytes())?;
-        assert_eq!(r.devices[&5][0].ts_ms, 1_767_225_600_000);
-        assert!(r.devices[&5][0].value.is_nan());
+        assert_eq!(r.device(5)[0].ts_ms, 1_767_225_600_000);
+        assert!(r.device(5)[0].value.is_nan());
         Ok(())
     }
 
@@ -325,6 +358,10 @@ mod tests {
                 "device,sensor,ts_ms,value\n1,1,5\n",
                 "found record with 3 fields",
             ),
+            (
+                "device,sensor,ts_ms,value\n1,1,1764000000000000,1\n",
+                "line 2: time 1764000000000000 is after the year 9999",
+            ),
         ];
         for (text, want) in cases {
             match Recording::parse(text.as_bytes()) {
@@ -338,16 +375,15 @@ mod tests {
     fn devices_are_assigned_by_id_or_mapped_in_order() -> Result<(), String> {
         let text = "device,sensor,ts_ms,value\n30,1,5,1\n10,1,6,2\n";
         let r = Recording::parse(text.as_bytes())?;
-        let by_id = r.clone().assign(&[10, 20, 30], false)?;
-        assert_eq!(by_id.iter().map(Vec::len).collect::<Vec<_>>(), [1, 0, 1]);
-        assert_eq!(by_id[2][0].value, 1.0);
-        let err = r.clone().assign(&[10, 20], false).err().unwrap_or_default();
+        assert_eq!(r.assign(&[10, 20, 30], false)?, [Some(10), None, Some(30)]);
+        assert_eq!(r.device(30)[0].value, 1.0);
+        assert!(r.device(20).is_empty());
+        let err = r.assign(&[10, 20], false).err().unwrap_or_default();
         assert!(
             err.contains("device 30 of the recording is not in the fleet"),
             "{err}"
         );
-        let mapped = r.clone().assign(&[1, 2], true)?;
-        assert_eq!((mapped[0][0].value, mapped[1][0].value), (2.0, 1.0));
+        assert_eq!(r.assign(&[1, 2, 3], true)?, [Some(10), Some(30), None]);
         let err = r.assign(&[1], true).err().unwrap_or_default();
         assert!(
             err.contains("holds 2 devices but the fleet only 1"),
@@ -370,6 +406,10 @@ mod tests {
         assert_eq!(c.due(5_000), start);
         assert_eq!(c.due(65_000), start + Duration::from_secs(6));
         assert_eq!(c.stamp(65_000), 1_006_000);
+        // Far beyond any checked speed: saturates, no panic.
+        c.speed = 1e-300;
+        assert!(c.due(65_000) > start + Duration::from_secs(86_400 * 365));
+        assert!(c.stamp(65_000) >= 1_000_000);
         c.speed = 0.0;
         assert_eq!(c.due(65_000), start);
         assert_eq!(c.stamp(65_000), 1_000_000);

@@ -133,6 +133,9 @@ pub struct Report {
     pub ack_latency: Option<Latency>,
     /// Whether acks were requested.
     pub ack: bool,
+    /// Totals per scenario group, in fleet order (empty without a scenario).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupTotals>,
     /// Per device, by id.
     pub devices: Vec<DeviceReport>,
 }
@@ -156,6 +159,7 @@ impl Report {
             r.send_errors += d.send_errors;
             r.faults.add(&d.faults);
         }
+        r.groups = group_totals(&devices);
         r.devices = devices;
         r
     }
@@ -194,7 +198,7 @@ impl Report {
                 f.lost, f.duplicated, f.reordered, f.corrupted, f.replayed, f.silenced
             ));
         }
-        for g in self.groups() {
+        for g in &self.groups {
             s.push_str(&format!(
                 "group {}: {} devices, {} readings sent",
                 g.name, g.devices, g.readings_sent
@@ -212,7 +216,7 @@ impl Report {
 }
 
 /// Totals of one scenario group.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct GroupTotals {
     /// Group name.
     pub name: String,
@@ -224,28 +228,26 @@ pub struct GroupTotals {
     pub readings_acked: u64,
 }
 
-impl Report {
-    /// Totals per scenario group, in order of first device id (empty without a scenario).
-    pub fn groups(&self) -> Vec<GroupTotals> {
-        let mut out: Vec<GroupTotals> = Vec::new();
-        for d in &self.devices {
-            let Some(name) = &d.group else { continue };
-            let i = match out.iter().position(|g| &g.name == name) {
-                Some(i) => i,
-                None => {
-                    out.push(GroupTotals {
-                        name: name.clone(),
-                        ..Default::default()
-                    });
-                    out.len() - 1
-                }
-            };
-            out[i].devices += 1;
-            out[i].readings_sent += d.readings_sent;
-            out[i].readings_acked += d.readings_acked;
-        }
-        out
+/// Totals per scenario group, in order of first device id (empty without a scenario).
+fn group_totals(devices: &[DeviceReport]) -> Vec<GroupTotals> {
+    let mut out: Vec<GroupTotals> = Vec::new();
+    for d in devices {
+        let Some(name) = &d.group else { continue };
+        let i = match out.iter().position(|g| &g.name == name) {
+            Some(i) => i,
+            None => {
+                out.push(GroupTotals {
+                    name: name.clone(),
+                    ..Default::default()
+                });
+                out.len() - 1
+            }
+        };
+        out[i].devices += 1;
+        out[i].readings_sent += d.readings_sent;
+        out[i].readings_acked += d.readings_acked;
     }
+    out
 }
 
 /// A latency distribution, microseconds.
