@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
 rm -rf target/debian
 cargo deb -p gateway
-deb=$(ls target/debian/gateway_*_amd64.deb)
+deb=$(ls target/debian/gateway_*.deb)
 contents=$(dpkg-deb -c "$deb")
 fail() { echo "package check: $*" >&2; exit 1; }
 for f in ./usr/bin/gateway ./usr/lib/systemd/system/gateway.service ./etc/gateway/gateway.toml \
@@ -17,7 +17,10 @@ for f in ./usr/bin/gateway ./usr/lib/systemd/system/gateway.service ./etc/gatewa
 done
 grep -q '^-rw-r----- .* ./etc/gateway/gateway.toml$' <<<"$contents" || fail "config not mode 0640"
 [ "$(dpkg-deb -f "$deb" Package)" = gateway ] || fail "package name"
-dpkg-deb -f "$deb" Depends | grep -q adduser || fail "no dependency on adduser"
+depends=$(dpkg-deb -f "$deb" Depends)
+# libc6 comes from dpkg-shlibdeps ($auto): without dpkg-dev cargo-deb only warns and drops it.
+grep -q adduser <<<"$depends" || fail "no dependency on adduser: $depends"
+grep -q libc6 <<<"$depends" || fail "no dependency on libc6 (is dpkg-dev installed?): $depends"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 dpkg-deb -e "$deb" "$tmp/control"
@@ -25,7 +28,9 @@ grep -qx /etc/gateway/gateway.toml "$tmp/control/conffiles" || fail "config is n
 grep -q 'adduser --system' "$tmp/control/postinst" || fail "postinst does not create the user"
 dpkg-deb -x "$deb" "$tmp/root"
 # Stripped: no debug sections left in the packaged binary (they are in the -dbgsym package).
-if readelf -S "$tmp/root/usr/bin/gateway" | grep -qE '\.debug_(info|line|str)'; then
+# (Read whole first: `grep -q` on a pipe could end readelf early and fail the pipeline.)
+sections=$(readelf -S "$tmp/root/usr/bin/gateway")
+if grep -qE '\.debug_(info|line|str)' <<<"$sections"; then
   fail "the packaged binary still has debug sections"
 fi
 "$tmp/root/usr/bin/gateway" config check --config "$tmp/root/etc/gateway/gateway.toml" >/dev/null \

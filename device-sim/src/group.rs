@@ -25,7 +25,7 @@ use crate::report::DeviceReport;
 /// Most acks read from the socket in one wake before timers get their turn.
 const RECV_BURST: usize = 256;
 
-/// Most sends in one wake before cancellation and acks get their turn.
+/// Most sends in one wake before cancellation gets a look in (acks wait until fewer are due).
 const SEND_BURST: usize = 1024;
 
 /// Devices sharing a socket.

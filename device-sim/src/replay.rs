@@ -239,7 +239,8 @@ impl Clock {
     pub fn due(&self, ts: u64) -> Instant {
         if self.speed > 0.0 {
             let ms = ts.saturating_sub(self.first_ts) as f64 / self.speed;
-            // Checked speeds keep this within a few thousand years; saturate rather than panic.
+            // A slow speed over a long recording can reach millions of years: cap at a century
+            // rather than panic.
             let after = Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(LONGEST);
             self.start
                 .checked_add(after.min(LONGEST))

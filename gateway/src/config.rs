@@ -61,9 +61,10 @@ pub struct RetentionConfig {
     /// Per tier (window length → how long), overriding `aggregates`.
     #[serde(default)]
     pub tiers: std::collections::BTreeMap<String, humantime_serde::Serde<Duration>>,
-    /// Largest database (pages in use, bytes): past it the oldest raw readings are deleted,
-    /// then the oldest sent aggregate windows, until it is at 90 % of this less twice what the
-    /// database grew by between runs lately. Default: no cap.
+    /// Largest database file, bytes. Retention works below it by an eighth of it plus twice
+    /// the most the database rose by between recent runs (never below half of it): past that line the oldest raw
+    /// readings are deleted, then the oldest sent aggregate windows, down to 90 % of the line.
+    /// Default: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_db_size: Option<ByteSize>,
     /// How often the policy is enforced. Default 1m.

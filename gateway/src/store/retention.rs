@@ -383,7 +383,7 @@ impl Store {
     }
 
     /// Deletes the oldest readings, then the oldest sent windows, until the pages in use are at
-    /// 90 % of `cap` less the expected growth until the next run (at most half the cap).
+    /// 90 % of a line under `cap`: the cap less the headroom and an eighth (never below half).
     async fn enforce_cap(
         &self,
         devices: &[i64],
@@ -392,7 +392,11 @@ impl Store {
         policy: &Policy,
         r: &mut PruneReport,
     ) -> Result<(), StoreError> {
-        let limit = cap.saturating_sub(policy.headroom).max(cap / 2);
+        // An eighth of the cap on top of the headroom, for rises larger than any seen lately.
+        let limit = cap
+            .saturating_sub(policy.headroom)
+            .saturating_sub(cap / 8)
+            .max(cap / 2);
         if self.db_size().await?.0 <= limit {
             return Ok(());
         }
@@ -540,8 +544,53 @@ async fn pace(took: Duration) {
     tokio::time::sleep((took * 9).clamp(Duration::from_millis(1), Duration::from_secs(2))).await;
 }
 
-/// Growths between runs the size cap's headroom is taken from.
-const GROWTHS_KEPT: usize = 16;
+/// Rises of the database the size cap's headroom is taken from.
+const RISES_KEPT: usize = 16;
+
+/// How far under its size cap retention works: twice the largest rise of the pages in use over
+/// the last runs (pure: the pruner feeds it sizes). The database file keeps its largest size,
+/// so the cap has to hold the peak of the pages in use, not their level at a run. A rise is
+/// measured from where a run left the pages in use to where they are at the next run, or to
+/// the database's size when that grew meanwhile or during a run: the size only grows when the
+/// pages in use pass it, so a grown size is the exact peak (a merge of staged readings copies
+/// before it frees, a transient no run would see).
+#[derive(Debug, Default)]
+struct Headroom {
+    /// Pages in use and size after the last run, bytes.
+    last: Option<(u64, u64)>,
+    rises: std::collections::VecDeque<u64>,
+}
+
+impl Headroom {
+    fn record(&mut self, rise: u64) {
+        if self.rises.len() == RISES_KEPT {
+            self.rises.pop_front();
+        }
+        self.rises.push_back(rise);
+    }
+
+    /// Pages in use and size just before a run: records the rise since the last run and
+    /// returns the headroom for this one.
+    fn before_run(&mut self, used: u64, size: u64) -> u64 {
+        if let Some((last_used, last_size)) = self.last {
+            let peak = if size > last_size {
+                size.max(used)
+            } else {
+                used
+            };
+            self.record(peak.saturating_sub(last_used));
+        }
+        self.rises.iter().max().map_or(0, |m| m.saturating_mul(2))
+    }
+
+    /// What a run found and left: a database that grew during the run peaked at its new size.
+    fn after_run(&mut self, r: &PruneReport) {
+        if r.size_after > r.size_before {
+            self.record(r.size_after.saturating_sub(r.used_before));
+        }
+        self.last = Some((r.used_after, r.size_after));
+    }
+}
 
 /// Runs the policy every interval until `cancel` fires, counting what it does; takes new
 /// settings from `settings` (SIGHUP) and idles while they enforce nothing.
@@ -553,10 +602,8 @@ pub async fn run(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut closed = false;
-    // Pages in use and size after the last run, and what the database rose by before each of
-    // the last runs: the headroom under the cap allows for twice the largest.
-    let mut last_after: Option<(u64, u64)> = None;
-    let mut growths = std::collections::VecDeque::with_capacity(GROWTHS_KEPT);
+    // Kept across reloads: the database's growth does not depend on the settings.
+    let mut headroom = Headroom::default();
     loop {
         let current = settings.borrow_and_update().clone();
         let mut policy = current.policy;
@@ -577,29 +624,19 @@ pub async fn run(
                 }
                 _ = tick.tick(), if current.active => {}
             }
+            // The rise since the last run counts for this one already (and a reload, which
+            // rebuilt `policy`, keeps what was learnt).
+            match store.db_size().await {
+                Ok((used, size)) => policy.headroom = headroom.before_run(used, size),
+                Err(error) => tracing::warn!(%error, "retention could not read the database size"),
+            }
             let pruned = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = store.prune(&policy, super::now_ms()) => r,
             };
             match pruned {
                 Ok(r) => {
-                    if let Some((used, size)) = last_after {
-                        if growths.len() == GROWTHS_KEPT {
-                            growths.pop_front();
-                        }
-                        // The pages in use now, or the peak they reached since if the database
-                        // grew meanwhile (a merge of staged readings copies before it frees:
-                        // a transient the runs would not see otherwise).
-                        let peak = if r.size_before > size {
-                            r.size_before.max(r.used_before)
-                        } else {
-                            r.used_before
-                        };
-                        growths.push_back(peak.saturating_sub(used));
-                        let most = growths.iter().max().copied().unwrap_or(0);
-                        policy.headroom = most.saturating_mul(2);
-                    }
-                    last_after = Some((r.used_after, r.size_after));
+                    headroom.after_run(&r);
                     counters.retention_runs.fetch_add(1, Relaxed);
                     counters.db_used_bytes.store(r.used_after, Relaxed);
                     if r.readings + r.aggregates > 0 {
@@ -677,6 +714,37 @@ mod tests {
 
     /// Interleaves the writer's merge steps with prunes at a moving cutoff: every reading is
     /// either still visible or counted as deleted, once, whatever step the merge is at.
+    #[test]
+    fn the_headroom_is_twice_the_largest_recent_rise_peaks_included() {
+        let mut h = Headroom::default();
+        let run = |used_before, size_before, used_after, size_after| PruneReport {
+            used_before,
+            size_before,
+            used_after,
+            size_after,
+            ..PruneReport::default()
+        };
+        // Nothing known before the first run.
+        assert_eq!(h.before_run(100, 120), 0);
+        h.after_run(&run(100, 120, 90, 120));
+        // Rose from 90 to 110, the size unchanged: a rise of 20.
+        assert_eq!(h.before_run(110, 120), 40);
+        h.after_run(&run(110, 120, 90, 120));
+        // In use only 100 now, but the size grew to 170 meanwhile: the peak was 170, a rise of 80.
+        assert_eq!(h.before_run(100, 170), 160);
+        h.after_run(&run(100, 170, 95, 170));
+        // Growth during a run counts too: from 100 at its start to a size of 260.
+        assert_eq!(h.before_run(100, 170), 160);
+        h.after_run(&run(100, 170, 90, 260));
+        assert_eq!(h.before_run(95, 260), 320);
+        // Sixteen quiet runs later the big rises are forgotten.
+        for _ in 0..RISES_KEPT {
+            h.after_run(&run(95, 260, 90, 260));
+            h.before_run(95, 260);
+        }
+        assert_eq!(h.before_run(95, 260), 10);
+    }
+
     #[tokio::test]
     async fn every_deletion_is_counted_once_while_a_merge_runs() {
         let dir = tempfile::tempdir().expect("tempdir");
