@@ -64,6 +64,27 @@ pub struct Faults {
     pub replay: f64,
 }
 
+impl Faults {
+    /// Checks that every probability is within 0..=1; the message names the first that is not.
+    ///
+    /// # Errors
+    /// The offending probability.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, p) in [
+            ("loss", self.loss),
+            ("dup", self.dup),
+            ("reorder", self.reorder),
+            ("corrupt", self.corrupt),
+            ("replay", self.replay),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("{name} = {p} is not a probability (0..=1)"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Settings of a simulation run.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -155,18 +176,7 @@ fn check_group(rate: f64, batch: usize, faults: &Faults) -> Result<(), SimError>
     if !(rate > 0.0 && rate.is_finite()) {
         return Err(SimError::Invalid("rate must be positive".into()));
     }
-    for (name, p) in [
-        ("loss", faults.loss),
-        ("dup", faults.dup),
-        ("reorder", faults.reorder),
-        ("corrupt", faults.corrupt),
-        ("replay", faults.replay),
-    ] {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(SimError::Invalid(format!("{name} must be within 0..=1")));
-        }
-    }
-    Ok(())
+    faults.check().map_err(SimError::Invalid)
 }
 
 /// The groups a run plays, in fleet order, as (group, recorded device each device plays).

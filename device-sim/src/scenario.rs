@@ -172,24 +172,15 @@ struct FaultsFile {
 
 impl FaultsFile {
     fn check(&self) -> Result<Faults, String> {
-        for (name, p) in [
-            ("loss", self.loss),
-            ("dup", self.dup),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-            ("replay", self.replay),
-        ] {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(format!("{name} = {p} is not a probability (0..=1)"));
-            }
-        }
-        Ok(Faults {
+        let faults = Faults {
             loss: self.loss,
             dup: self.dup,
             reorder: self.reorder,
             corrupt: self.corrupt,
             replay: self.replay,
-        })
+        };
+        faults.check()?;
+        Ok(faults)
     }
 }
 
